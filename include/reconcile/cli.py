@@ -1,0 +1,225 @@
+"""The `reconcile` command: thin over the runner and stages. Progress goes to stderr, results to stdout.
+
+Exit codes: 0 done, 1 error, 2 bad usage or config, 3 blocked (writes held back; nothing unsafe written).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime, timezone
+
+from . import runner
+from .config import json_schema, load_config
+from .errors import ConfigError, ReconcileError
+
+DEFAULT_CONFIG_ENV = "RECONCILE_CONFIG"
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=os.environ.get(DEFAULT_CONFIG_ENV, "reconcile.yaml"),
+                   help=f"config file (default: ${DEFAULT_CONFIG_ENV} or ./reconcile.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reconcile",
+        description="Nightly reconciliation of business systems (CRM, marketing, ERP) into a DuckDB warehouse.",
+        epilog="Docs: README.md and docs/ (configuration.md, warehouse.md, operations.md).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="demo systems to try reconcile on")
+    demo_sub = demo.add_subparsers(dest="demo_command", required=True, metavar="SUBCOMMAND")
+    init = demo_sub.add_parser("init", help="write a demo config, three SQLite systems and an answer key into DIR")
+    init.add_argument("directory", metavar="DIR")
+    init.add_argument("--people", type=int, default=200, help="number of real people behind the records (default 200)")
+    init.add_argument("--seed", type=int, default=7, help="random seed; same seed, same data (default 7)")
+    init.add_argument("--force", action="store_true", help="replace an existing demo in DIR")
+
+    check = sub.add_parser("check-config", help="validate a config; exit 2 listing every problem")
+    check.add_argument("config_path", metavar="CONFIG", nargs="?",
+                       default=os.environ.get(DEFAULT_CONFIG_ENV, "reconcile.yaml"))
+    check.add_argument("--connect", action="store_true",
+                       help="also connect to every system and check tables and columns exist")
+
+    for name, help_ in (("run", "run every stage for an entity (or all entities)"),
+                        ("extract", "extract sources into the warehouse's staging tables")):
+        p = sub.add_parser(name, help=help_)
+        _config_arg(p)
+        p.add_argument("--entity", "-e", help="one entity (default: every entity in the config)")
+        p.add_argument("--full", action="store_true", help="force a full snapshot instead of incremental extraction")
+        p.add_argument("--run-id", help="run id (default: generated from the current time)")
+        p.add_argument("--json", action="store_true", help="print the run summary as one JSON object on stdout")
+
+    status = sub.add_parser("status", help="list recent runs with their status and counts")
+    _config_arg(status)
+    status.add_argument("--limit", type=int, default=10)
+    status.add_argument("--json", action="store_true")
+
+    sub.add_parser("schema", help="print the config's JSON schema (for editors)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return runner.EXIT_USAGE
+    except ReconcileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return runner.EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    if args.command == "demo":
+        return _demo_init(args)
+    if args.command == "check-config":
+        return _check_config(args)
+    if args.command in ("run", "extract"):
+        return _run(args)
+    if args.command == "status":
+        return _status(args)
+    if args.command == "schema":
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    raise AssertionError(args.command)
+
+
+def _demo_init(args) -> int:
+    from .demo import init_demo
+
+    try:
+        result = init_demo(args.directory, people=args.people, seed=args.seed, force=args.force)
+    except (FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return runner.EXIT_USAGE
+    print(f"demo written to {args.directory}:")
+    print(f"  config      {result['config']}")
+    for system, path in result["systems"].items():
+        print(f"  {system:<11} {path} ({result['records'][system]} records)")
+    print(f"  answer key  {result['answer_key']}")
+    print(f"next: reconcile run --config {result['config']}")
+    return 0
+
+
+def _check_config(args) -> int:
+    cfg = load_config(args.config_path)
+    if args.connect:
+        problems = _connect_checks(cfg)
+        if problems:
+            print(f"error: {args.config_path}: {len(problems)} problem(s) against the live systems:", file=sys.stderr)
+            for p in problems:
+                print(f"  - {p}", file=sys.stderr)
+            return runner.EXIT_USAGE
+    n_sources = sum(len(e.sources) for e in cfg.entities.values())
+    print(f"{args.config_path}: ok ({len(cfg.systems)} systems, {len(cfg.entities)} entities, {n_sources} sources"
+          f"{', all reachable' if args.connect else ''})")
+    return 0
+
+
+def _connect_checks(cfg) -> list[str]:
+    from .config import resolve_url
+    from .connectors import connect
+    from .stages.extract import source_columns
+
+    problems = []
+    for ename, entity in sorted(cfg.entities.items()):
+        for system, source in sorted(entity.sources.items()):
+            path = f"entities.{ename}.sources.{system}"
+            try:
+                conn = connect(system, resolve_url(cfg, system))
+                try:
+                    have = set(conn.columns(source))
+                finally:
+                    conn.close()
+            except ReconcileError as e:
+                problems.append(f"{path}: {e}")
+                continue
+            for col in source_columns(source):
+                if col not in have:
+                    problems.append(f"{path}: column {col!r} does not exist in "
+                                    f"{'table ' + repr(source.table) if source.table else 'the query'}")
+    return problems
+
+
+def _run(args) -> int:
+    cfg = load_config(args.config)
+    entities = [args.entity] if args.entity else sorted(cfg.entities)
+    for e in entities:
+        cfg.entity(e)
+    progress = runner.stderr_progress
+    run_at = datetime.now(timezone.utc)
+    run_id = args.run_id or runner.new_run_id(run_at)
+    summaries = {}
+    failed = False
+    for e in entities:
+        try:
+            summaries[e] = runner.run_entity(cfg, e, run_id=run_id, run_at=run_at, full=args.full or None,
+                                             progress=progress)
+        except ReconcileError as err:
+            print(f"error: entity {e}: {err}", file=sys.stderr)
+            summaries[e] = {"run_id": run_id, "status": "failed", "entity": e, "error": str(err)}
+            failed = True
+    out = summaries[entities[0]] if len(entities) == 1 else {
+        "run_id": run_id, "status": "failed" if failed else _worst(summaries), "entities": summaries}
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        for s in summaries.values():
+            _print_summary(s)
+    if failed:
+        return runner.EXIT_ERROR
+    return runner.EXIT_BLOCKED if out["status"] == "blocked" else runner.EXIT_OK
+
+
+def _worst(summaries: dict) -> str:
+    order = ["failed", "blocked", "success"]
+    return min((s["status"] for s in summaries.values()), key=lambda s: order.index(s) if s in order else 0)
+
+
+def _print_summary(s: dict) -> None:
+    print(f"run {s['run_id']} [{s['entity']}]: {s['status']}")
+    for system in sorted(s.get("extracted", {})):
+        print(f"  {system:<12} extracted {s['extracted'][system]:>8}  quarantined {s['quarantined'][system]:>6}  "
+              f"staged {s['staged'][system]:>8}  ({s['extract_mode'][system]})")
+    if "warehouse" in s:
+        print(f"  warehouse: {s['warehouse']}")
+
+
+def _status(args) -> int:
+    from .warehouse import open_published
+
+    cfg = load_config(args.config)
+    con = open_published(cfg)
+    try:
+        rows = con.execute(
+            """SELECT run_id, entity, status, run_at, finished_at, summary FROM audit.runs
+               ORDER BY started_at DESC, entity LIMIT ?""", [args.limit]).fetchall()
+    finally:
+        con.close()
+    runs = [{"run_id": r[0], "entity": r[1], "status": r[2], "run_at": r[3], "finished_at": r[4],
+             "summary": json.loads(r[5]) if r[5] else None} for r in rows]
+    if args.json:
+        print(json.dumps(runs, indent=2, default=str))
+        return 0
+    if not runs:
+        print("no runs yet")
+        return 0
+    print(f"{'run_id':<36} {'entity':<10} {'status':<8} {'finished (UTC)':<20} extracted / quarantined")
+    for r in runs:
+        s = r["summary"] or {}
+        counts = ", ".join(f"{k} {v}/{s.get('quarantined', {}).get(k, 0)}" for k, v in sorted(s.get("extracted", {}).items()))
+        fin = r["finished_at"].strftime("%Y-%m-%d %H:%M:%S") if r["finished_at"] else "-"
+        print(f"{r['run_id']:<36} {r['entity']:<10} {r['status']:<8} {fin:<20} {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Load a YAML config file into typed models, collecting every problem with its key path and line."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ..errors import ConfigError, Problem
+from .models import Config
+from .rules import check_rules
+
+
+def _construct(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> Any:
+    """Turn a composed YAML node into plain Python, remembering the line of every key path."""
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = yaml.safe_load(yaml.serialize(key_node)) if not isinstance(key_node, yaml.ScalarNode) else (
+                _scalar(key_node)
+            )
+            key = str(key) if not isinstance(key, str) else key
+            if key in out:
+                raise ConfigError("", [Problem(_fmt(path + (key,)), "duplicate key", key_node.start_mark.line + 1)])
+            out[key] = _construct(value_node, path + (key,), lines)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(v, path + (i,), lines) for i, v in enumerate(node.value)]
+    return _scalar(node)
+
+
+def _scalar(node: yaml.ScalarNode) -> Any:
+    return yaml.SafeLoader(yaml.serialize(node)).get_single_data() if node.tag != "tag:yaml.org,2002:str" else node.value
+
+
+def _fmt(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _line(lines: dict[tuple, int], path: tuple) -> int | None:
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path[:-1]
+    return None
+
+
+def parse_config(data: Any, source: str = "<config>", lines: dict[tuple, int] | None = None,
+                 path: Path | None = None) -> Config:
+    """Validate a config given as plain data. Raises ConfigError listing every problem."""
+    lines = lines or {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [Problem("", "the config must be a YAML mapping (key: value)", 1)])
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"function-after[_one_location()]"}))
+            # pydantic adds union/validator tags to locations; keep only real keys and indexes
+            loc = tuple(p for p in loc if isinstance(p, int) or not str(p).startswith(("function-", "list[", "dict[")))
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see docs/configuration.md)"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            problems.append(Problem(_fmt(loc), msg, _line(lines, loc)))
+        raise ConfigError(source, problems) from None
+    cfg._path = path
+    problems = [Problem(_fmt(p), m, _line(lines, p)) for p, m in check_rules(cfg)]
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a config file. Relative paths inside it resolve against its folder."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(str(p), [Problem("", "config file not found")])
+    text = p.read_text(encoding="utf-8")
+    lines: dict[tuple, int] = {}
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(str(p), [Problem("", f"not valid YAML: {getattr(e, 'problem', e)}",
+                                           mark.line + 1 if mark else None)]) from None
+    if node is None:
+        raise ConfigError(str(p), [Problem("", "the config file is empty", 1)])
+    try:
+        data = _construct(node, (), lines)
+    except ConfigError as e:
+        raise ConfigError(str(p), e.problems) from None
+    return parse_config(data, source=str(p), lines=lines, path=p.resolve())

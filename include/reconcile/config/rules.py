@@ -1,0 +1,167 @@
+"""Cross-field rules checked after parsing and before anything runs.
+
+Each rule returns (key path, message) pairs; the loader turns them into Problems with line numbers.
+These encode the product's promises: one writable owner per field, nothing written back into its owner,
+no secrets inline, eligibility expressions that are plain boolean expressions over known fields.
+"""
+from __future__ import annotations
+
+import re
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from .expressions import check_expression
+from .models import NAME_RE, Config
+
+_CRON_FIELD = re.compile(r"^[\d*/,\-A-Za-z?LW#]+$")
+_PRESETS = {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@yearly", "@annually", "@continuous"}
+
+Issue = tuple[tuple, str]
+
+
+def check_rules(cfg: Config) -> list[Issue]:
+    issues: list[Issue] = []
+    issues += _check_names(cfg)
+    issues += _check_schedule(cfg)
+    issues += _check_systems(cfg)
+    for name, entity in cfg.entities.items():
+        issues += _check_entity(cfg, name)
+    return issues
+
+
+def _check_names(cfg: Config) -> list[Issue]:
+    issues = []
+    for s in cfg.systems:
+        if not NAME_RE.match(s):
+            issues.append((("systems", s), "system names are lowercase identifiers ([a-z][a-z0-9_]*): they name tables"))
+    for e, entity in cfg.entities.items():
+        if not NAME_RE.match(e):
+            issues.append((("entities", e), "entity names are lowercase identifiers ([a-z][a-z0-9_]*): they name tables"))
+        for f in entity.fields:
+            if not NAME_RE.match(f) or f.startswith("_"):
+                issues.append((("entities", e, "fields", f),
+                               "canonical field names are lowercase identifiers ([a-z][a-z0-9_]*): they name columns"))
+    if not cfg.systems:
+        issues.append((("systems",), "at least one system is required"))
+    if not cfg.entities:
+        issues.append((("entities",), "at least one entity is required"))
+    return issues
+
+
+def _check_schedule(cfg: Config) -> list[Issue]:
+    s = cfg.schedule
+    if s is None or s in _PRESETS:
+        return []
+    parts = s.split()
+    if len(parts) != 5 or not all(_CRON_FIELD.match(p) for p in parts):
+        return [(("schedule",), f"expected a 5-field cron expression (e.g. '0 2 * * *'), a preset like @daily, or null; got {s!r}")]
+    return []
+
+
+def _check_systems(cfg: Config) -> list[Issue]:
+    issues = []
+    for name, system in cfg.systems.items():
+        given = [k for k in ("url", "url_env", "connection") if getattr(system, k)]
+        if len(given) != 1:
+            issues.append((("systems", name),
+                           "set exactly one of 'url' (no password inline), 'url_env' (an environment variable "
+                           f"holding the URL) or 'connection' (an Airflow connection id); got {', '.join(given) or 'none'}"))
+        if system.url:
+            try:
+                url = make_url(system.url)
+            except ArgumentError:
+                issues.append((("systems", name, "url"), "not a valid SQLAlchemy URL (e.g. sqlite:///systems/crm.db)"))
+                continue
+            if url.password:
+                issues.append((("systems", name, "url"),
+                               "a password is inline in 'url'; move the URL to an environment variable ('url_env') "
+                               "or an Airflow connection ('connection')"))
+        if system.url_env and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", system.url_env):
+            issues.append((("systems", name, "url_env"), "must be an environment variable name, not a URL"))
+        for i, field in enumerate(system.unique):
+            mapped_somewhere = any(
+                name in e.sources and field in e.sources[name].fields for e in cfg.entities.values()
+            )
+            if not mapped_somewhere:
+                issues.append((("systems", name, "unique", i),
+                               f"canonical field {field!r} is not mapped from system {name!r} in any entity"))
+    return issues
+
+
+def _check_entity(cfg: Config, ename: str) -> list[Issue]:
+    entity = cfg.entities[ename]
+    base = ("entities", ename)
+    issues: list[Issue] = []
+    systems = set(cfg.systems)
+    sources = set(entity.sources)
+
+    if not entity.sources:
+        issues.append((base + ("sources",), "at least one source is required"))
+    for sname, source in entity.sources.items():
+        spath = base + ("sources", sname)
+        if sname not in systems:
+            issues.append((spath, f"no system named {sname!r} is configured under 'systems' "
+                                  f"(configured: {', '.join(sorted(systems)) or 'none'})"))
+        if (source.table is None) == (source.query is None):
+            issues.append((spath, "set exactly one of 'table' or 'query'"))
+        if source.query is not None and ";" in source.query.strip().rstrip(";"):
+            issues.append((spath + ("query",), "must be a single SELECT statement (no ';')"))
+        for fname, mapping in source.fields.items():
+            try:
+                steps = mapping.steps
+            except ValueError as e:
+                issues.append((spath + ("fields", fname, "transform"), str(e)))
+                steps = []
+            if fname not in entity.fields:
+                issues.append((spath + ("fields", fname),
+                               f"{fname!r} is not a canonical field of entity {ename!r}; declare it under "
+                               f"entities.{ename}.fields"))
+                continue
+            ftype = entity.fields[fname].type
+            names = [t.name for t in steps]
+            if ftype != "string" and any(n in ("email", "phone", "lower", "upper") for n in names):
+                issues.append((spath + ("fields", fname, "transform"),
+                               f"text transforms ({', '.join(names)}) need a string field; {fname!r} is {ftype}"))
+
+    for fname, field in entity.fields.items():
+        fpath = base + ("fields", fname)
+        if not field.owner:
+            issues.append((fpath + ("owner",), "every canonical field needs exactly one owner (a system name)"))
+        else:
+            issues += _check_system_ref(entity, ename, fname, field.owner, fpath + ("owner",), systems, sources)
+        for i, fb in enumerate(field.fallback):
+            if fb == field.owner:
+                issues.append((fpath + ("fallback", i), f"{fb!r} is the owner; fallback lists other systems"))
+            else:
+                issues += _check_system_ref(entity, ename, fname, fb, fpath + ("fallback", i), systems, sources)
+        for i, target in enumerate(field.send_to):
+            if target == field.owner:
+                issues.append((fpath + ("send_to", i),
+                               f"{fname!r} is owned by {target!r}; a field is never sent to the system that owns it"))
+            else:
+                issues += _check_system_ref(entity, ename, fname, target, fpath + ("send_to", i), systems, sources)
+        if len(set(field.send_to)) != len(field.send_to):
+            issues.append((fpath + ("send_to",), "lists a system twice"))
+
+    field_types = {f: spec.type for f, spec in entity.fields.items()}
+    for target, text in entity.eligibility.items():
+        epath = base + ("eligibility", target)
+        if target not in systems:
+            issues.append((epath, f"no system named {target!r} is configured under 'systems'"))
+        elif target not in sources:
+            issues.append((epath, f"system {target!r} has no source for entity {ename!r}"))
+        for msg in check_expression(text, field_types):
+            issues.append((epath, msg))
+    return issues
+
+
+def _check_system_ref(entity, ename: str, fname: str, system: str, path: tuple, systems: set, sources: set) -> list[Issue]:
+    if system not in systems:
+        return [(path, f"{system!r} is not a configured system (configured: {', '.join(sorted(systems))})")]
+    if system not in sources:
+        return [(path, f"system {system!r} has no source for entity {ename!r} (add entities.{ename}.sources.{system})")]
+    if fname not in entity.sources[system].fields:
+        return [(path, f"system {system!r} does not map field {fname!r} "
+                       f"(add it under entities.{ename}.sources.{system}.fields)")]
+    return []

@@ -1,0 +1,107 @@
+"""SQL connector: any database SQLAlchemy can reach (SQLite, PostgreSQL, MariaDB/MySQL, ...).
+
+Reads stream with server-side cursors where the driver has them and arrive as Arrow tables of strings:
+the raw values exactly as the source holds them, typed later in DuckDB where bad values are quarantined
+rather than dropped.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+
+import pyarrow as pa
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
+
+from ..config.models import SourceConfig
+from ..config.resolve import redact
+from ..errors import ReconcileError, SystemUnreachable
+
+
+class SqlConnector:
+    def __init__(self, system: str, url: str):
+        self.system = system
+        self._url = url
+        try:
+            self.engine = sa.create_engine(url, poolclass=NullPool)
+        except Exception as e:  # bad driver name, missing DBAPI, malformed URL
+            raise SystemUnreachable(f"system {system!r} ({redact(url)}): cannot create engine: {e}") from None
+
+    def _fail(self, what: str, err: Exception) -> SystemUnreachable:
+        detail = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        return SystemUnreachable(f"system {self.system!r} ({redact(self._url)}): {what}: {detail}")
+
+    def check(self) -> None:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except Exception as e:
+            raise self._fail("cannot connect", e) from None
+
+    def _selectable(self, source: SourceConfig) -> sa.FromClause:
+        if source.table is not None:
+            schema, _, name = source.table.rpartition(".")
+            return sa.table(name, schema=schema or None)
+        return sa.text(source.query).columns().subquery("src")
+
+    def columns(self, source: SourceConfig) -> list[str]:
+        try:
+            with self.engine.connect() as conn:
+                if source.table is not None:
+                    schema, _, name = source.table.rpartition(".")
+                    insp = sa.inspect(conn)
+                    if not insp.has_table(name, schema=schema or None):
+                        raise ReconcileError(f"system {self.system!r}: table {source.table!r} does not exist")
+                    return [c["name"] for c in insp.get_columns(name, schema=schema or None)]
+                result = conn.execute(sa.text(f"SELECT * FROM ({source.query}) src WHERE 1 = 0"))
+                return list(result.keys())
+        except ReconcileError:
+            raise
+        except Exception as e:
+            raise self._fail("cannot read columns", e) from None
+
+    def read_batches(self, source: SourceConfig, columns: list[str], since: datetime | None,
+                     batch_size: int) -> Iterator[pa.Table]:
+        src = self._selectable(source)
+        cols = [sa.column(c) for c in columns]
+        stmt = sa.select(*cols).select_from(src)
+        if since is not None and source.modified_at:
+            stmt = stmt.where(sa.column(source.modified_at) >= sa.bindparam("since", since, type_=sa.DateTime()))
+        if source.modified_at is None or since is None:
+            stmt = stmt.order_by(sa.column(source.key))
+        try:
+            with self.engine.connect() as conn:
+                result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(stmt)
+                for rows in result.partitions(batch_size):
+                    yield _to_arrow(columns, rows)
+        except Exception as e:
+            raise self._fail(f"cannot read {source.table or 'query'}", e) from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _to_arrow(columns: list[str], rows: list) -> pa.Table:
+    """Rows -> Arrow table of strings, one column at a time (the connector boundary, in batches)."""
+    arrays = []
+    for values in zip(*rows) if rows else [[] for _ in columns]:
+        arrays.append(_strings(list(values)))
+    return pa.table(arrays, names=columns)
+
+
+def _strings(values: list) -> pa.Array:
+    try:
+        arr = pa.array(values)
+        if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+            return arr.cast(pa.string())
+        if pa.types.is_null(arr.type):
+            return pa.array(values, type=pa.string())
+        if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+            raise pa.ArrowInvalid("binary")
+        if pa.types.is_timestamp(arr.type):
+            return pa.array([None if v is None else v.isoformat(sep=" ") for v in values], type=pa.string())
+        return arr.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+        # Mixed types in one column (SQLite allows it) or exotic types: fall back to str().
+        return pa.array([None if v is None else (v.hex() if isinstance(v, bytes) else str(v)) for v in values],
+                        type=pa.string())

@@ -1,0 +1,177 @@
+"""The runner: one run = the ordered stages for one entity, identified by a run id.
+
+Airflow tasks call these same functions one by one (begin_run -> extract_system per system, in parallel
+-> load_staging -> finish_run); `run` calls them in order for the CLI and tests. Each step is idempotent
+for a run id, so a retried task leaves the same state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .config import Config, resolve_url
+from .errors import ReconcileError
+from .stages import extract as extract_stage
+from .warehouse import open_work, publish, run_dir
+
+Progress = Callable[[str], None]
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BLOCKED = 0, 1, 2, 3
+KEEP_RUN_DIRS = 5
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def stderr_progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def new_run_id(run_at: datetime) -> str:
+    """A sortable, unique run id for CLI runs, e.g. `cli__20261122T020000Z_3f2a`."""
+    return f"cli__{run_at.strftime('%Y%m%dT%H%M%SZ')}_{secrets.token_hex(2)}"
+
+
+def utc_naive(dt: datetime) -> datetime:
+    return dt.astimezone(timezone.utc).replace(tzinfo=None) if dt.tzinfo else dt
+
+
+def _entity_dir(cfg: Config, run_id: str, entity: str) -> Path:
+    return run_dir(cfg, run_id) / entity
+
+
+def _read_manifest(cfg: Config, entity: str, run_id: str) -> dict:
+    path = _entity_dir(cfg, run_id, entity) / "manifest.json"
+    if not path.exists():
+        raise ReconcileError(f"run {run_id!r} of entity {entity!r} has not begun ({path} missing): call begin_run first")
+    return json.loads(path.read_text())
+
+
+def begin_run(cfg: Config, entity: str, run_id: str, run_at: datetime, full: bool | None = None) -> dict:
+    """Record the run and decide full/incremental extraction per source. Writes the run manifest."""
+    cfg.entity(entity)
+    run_at = utc_naive(run_at)
+    edir = _entity_dir(cfg, run_id, entity)
+    manifest_path = edir / "manifest.json"
+    if manifest_path.exists():  # a retried task: keep the first decision
+        return json.loads(manifest_path.read_text())
+    with open_work(cfg) as con:
+        status = con.execute("SELECT status FROM audit.runs WHERE run_id = ? AND entity = ?", [run_id, entity]).fetchone()
+        if status and status[0] != "running":
+            raise ReconcileError(f"run {run_id!r} of {entity!r} already finished with status {status[0]!r}; use a new run id")
+        con.execute(
+            "INSERT OR IGNORE INTO audit.runs (run_id, entity, status, run_at, started_at) VALUES (?, ?, 'running', ?, ?)",
+            [run_id, entity, run_at, utc_naive(datetime.now(timezone.utc))],
+        )
+        systems = extract_stage.plan_extract(con, cfg, entity, run_at, full=full)
+    manifest = {"run_id": run_id, "entity": entity, "run_at": run_at.isoformat(), "systems": systems}
+    edir.mkdir(parents=True, exist_ok=True)
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, manifest_path)
+    return manifest
+
+
+def extract_system(cfg: Config, entity: str, system: str, run_id: str,
+                   url_overrides: Mapping[str, str] | None = None, progress: Progress = _quiet) -> dict:
+    """Read one system's source into the run folder. Opens no warehouse file: safe to run in parallel."""
+    manifest = _read_manifest(cfg, entity, run_id)
+    if system not in manifest["systems"]:
+        raise ReconcileError(f"entity {entity!r} has no source in system {system!r}")
+    url = resolve_url(cfg, system, url_overrides)
+    plan = manifest["systems"][system]
+    progress(f"extracting {entity} from {system} ({plan['mode']}{', since ' + plan['since'] if plan['since'] else ''})")
+    return extract_stage.extract_source(cfg, entity, system, plan, _entity_dir(cfg, run_id, entity), url, progress)
+
+
+def load_staging(cfg: Config, entity: str, run_id: str, progress: Progress = _quiet) -> dict:
+    """Load the run's extracts into staging tables (single writer, one transaction)."""
+    manifest = _read_manifest(cfg, entity, run_id)
+    with open_work(cfg) as con:
+        return extract_stage.stage_entity(
+            con, cfg, entity, run_id, datetime.fromisoformat(manifest["run_at"]), manifest,
+            _entity_dir(cfg, run_id, entity), progress,
+        )
+
+
+def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", error: str | None = None,
+               progress: Progress = _quiet) -> dict:
+    """Write the run's summary into audit.runs, publish the warehouse for analysts, return the summary."""
+    with open_work(cfg) as con:
+        row = con.execute("SELECT run_at, started_at FROM audit.runs WHERE run_id = ? AND entity = ?",
+                          [run_id, entity]).fetchone()
+        if row is None:
+            raise ReconcileError(f"run {run_id!r} of {entity!r} is unknown: it never began")
+        staged = con.execute(
+            "SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = 'extract'", [run_id, entity]
+        ).fetchone()
+        results = json.loads(staged[0]) if staged else {}
+        if not staged and status == "success":
+            status, error = "failed", error or "extraction did not complete"
+        summary = {
+            "run_id": run_id,
+            "status": status,
+            "entity": entity,
+            "run_at": row[0].isoformat(),
+            "extracted": {s: r["extracted"] for s, r in results.items()},
+            "quarantined": {s: r["quarantined"] for s, r in results.items()},
+            "staged": {s: r["staged"] for s, r in results.items()},
+            "extract_mode": {s: r["mode"] for s, r in results.items()},
+            "warehouse": str(cfg.warehouse_path),
+        }
+        if error:
+            summary["error"] = error
+        con.execute(
+            "UPDATE audit.runs SET status = ?, finished_at = ?, error = ?, summary = ? WHERE run_id = ? AND entity = ?",
+            [status, utc_naive(datetime.now(timezone.utc)), error, json.dumps(summary), run_id, entity],
+        )
+    path = publish(cfg)
+    progress(f"published {path}")
+    _prune_run_dirs(cfg)
+    return summary
+
+
+def _prune_run_dirs(cfg: Config) -> None:
+    """Keep the newest few run folders (extracts for debugging); older ones are only disk use."""
+    import shutil
+
+    root = cfg.state_dir / "runs"
+    if not root.exists():
+        return
+    dirs = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in dirs[KEEP_RUN_DIRS:]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def run_entity(cfg: Config, entity: str, run_id: str | None = None, run_at: datetime | None = None,
+               full: bool | None = None, url_overrides: Mapping[str, str] | None = None,
+               progress: Progress = _quiet) -> dict:
+    """Every stage that exists, in order, for one entity. Failures are recorded and re-raised."""
+    run_at = utc_naive(run_at or datetime.now(timezone.utc))
+    run_id = run_id or new_run_id(run_at)
+    t0 = time.monotonic()
+    progress(f"run {run_id}: entity {entity}")
+    manifest = begin_run(cfg, entity, run_id, run_at, full=full)
+    try:
+        systems = sorted(manifest["systems"])
+        # Threads are enough: extraction waits on the source databases, and writes only Parquet.
+        with ThreadPoolExecutor(max_workers=min(4, len(systems)) or 1) as pool:
+            futures = [pool.submit(extract_system, cfg, entity, s, run_id, url_overrides, progress) for s in systems]
+            for f in futures:
+                r = f.result()
+                progress(f"  {r['system']}: {r['rows']} rows extracted ({r['mode']})")
+        load_staging(cfg, entity, run_id, progress)
+    except BaseException as e:
+        finish_run(cfg, entity, run_id, status="failed", error=str(e), progress=progress)
+        raise
+    summary = finish_run(cfg, entity, run_id, progress=progress)
+    summary["duration_s"] = round(time.monotonic() - t0, 2)
+    return summary

@@ -1,0 +1,1 @@
+"""Stages: each reads warehouse tables and writes warehouse tables; the runner orders them."""

@@ -1,0 +1,326 @@
+"""Extract: systems -> Parquet (parallel, no warehouse lock) -> staging tables (one writer, set-based SQL).
+
+Three steps, so parallel Airflow tasks never contend for the DuckDB file:
+1. `plan_extract` (writer): decide full or incremental per source from `audit.watermarks`;
+2. `extract_source` (any number in parallel): stream the source in batches into `<run>/<entity>/<system>.parquet`;
+3. `stage_entity` (writer, one transaction): type and transform in DuckDB, quarantine bad rows with their
+   reason, merge into `staging.<system>__<entity>`, append changes to `..._history`, move watermarks.
+Re-running any step for the same run id leaves the same state (step 3 is recorded in audit.stage_runs).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config.models import Config, SourceConfig
+from ..connectors import connect
+from ..errors import ReconcileError
+from ..transforms import EMAIL_PATTERN, apply_steps, quote_ident as q, sql_literal
+
+STAGE = "extract"
+
+_TYPE_SQL = {"boolean": "BOOLEAN", "integer": "BIGINT", "number": "DOUBLE", "date": "DATE"}
+
+
+def staging_table(system: str, entity: str) -> str:
+    return f"staging.{system}__{entity}"
+
+
+def source_columns(source: SourceConfig) -> list[str]:
+    """Source columns read: key, modified_at, then every mapped column (each once, in config order)."""
+    cols = [source.key] + ([source.modified_at] if source.modified_at else [])
+    cols += [m.column for m in source.fields.values()]
+    return list(dict.fromkeys(cols))
+
+
+def source_hash(cfg: Config, entity: str, system: str) -> str:
+    """Changes when anything that shapes the staged values changes; forces a full extract."""
+    ent = cfg.entities[entity]
+    src = ent.sources[system]
+    payload = {
+        "source": src.model_dump(mode="json"),
+        "types": {f: ent.fields[f].type for f in src.fields if f in ent.fields},
+        "region": cfg.systems[system].phone_region or cfg.defaults.phone_region,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_extract(con, cfg: Config, entity: str, run_at: datetime, full: bool | None = None) -> dict:
+    """Per source: {"mode", "since", "columns", "source_hash"}. `full=True` forces a full snapshot."""
+    ent = cfg.entity(entity)
+    plans = {}
+    for system, source in sorted(ent.sources.items()):
+        row = con.execute(
+            "SELECT watermark, source_hash, runs_since_full FROM audit.watermarks WHERE entity = ? AND system = ?",
+            [entity, system],
+        ).fetchone()
+        shash = source_hash(cfg, entity, system)
+        mode = "full"
+        since = None
+        reason = "first extract" if row is None else None
+        if full is True:
+            reason = "requested"
+        elif cfg.extract.mode == "full":
+            reason = "extract.mode is full"
+        elif source.modified_at is None:
+            reason = "source has no modified_at"
+        elif row is not None and row[1] != shash:
+            reason = "source config changed"
+        elif row is not None and row[2] + 1 >= cfg.extract.full_every:
+            reason = f"periodic full snapshot (extract.full_every = {cfg.extract.full_every})"
+        elif row is not None and row[0] is None:
+            reason = "no watermark yet"
+        elif row is not None:
+            mode = "incremental"
+            since = row[0] - timedelta(minutes=cfg.extract.overlap_minutes)
+        plans[system] = {
+            "mode": mode,
+            "reason": reason,
+            "since": since.isoformat() if since else None,
+            "columns": source_columns(source),
+            "source_hash": shash,
+            "batch_size": source.batch_size or cfg.extract.batch_size,
+        }
+    return plans
+
+
+def extract_source(cfg: Config, entity: str, system: str, plan: dict, out_dir: Path, url: str,
+                   progress=None) -> dict:
+    """Stream one source into `<out_dir>/<system>.parquet`. Touches no warehouse file; safe in parallel."""
+    source = cfg.entity(entity).sources[system]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f"{system}.parquet"
+    tmp = out_dir / f".{system}.{os.getpid()}.parquet.tmp"
+    columns = plan["columns"]
+    schema = pa.schema([(c, pa.string()) for c in columns])
+    conn = connect(system, url)
+    rows = 0
+    try:
+        real = conn.columns(source)
+        missing = [c for c in columns if c not in real]
+        if missing:
+            where = f"table {source.table!r}" if source.table else "its query"
+            raise ReconcileError(
+                f"system {system!r}: {where} has no column(s) {', '.join(map(repr, missing))} "
+                f"(mapped in entities.{entity}.sources.{system}); it has: {', '.join(real)}"
+            )
+        since = datetime.fromisoformat(plan["since"]) if plan["since"] else None
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch in conn.read_batches(source, columns, since, plan["batch_size"]):
+                writer.write_table(batch.cast(schema))
+                rows += batch.num_rows
+                if progress:
+                    progress(f"  {system}: {rows} rows read")
+        os.replace(tmp, final)  # atomic: a retried task never leaves half a file behind
+    finally:
+        conn.close()
+        if tmp.exists():
+            tmp.unlink()
+    return {"system": system, "rows": rows, "path": str(final), "mode": plan["mode"]}
+
+
+def _typed(expr: str, ftype: str) -> str:
+    if ftype == "string":
+        return expr
+    if ftype == "timestamp":
+        return f"TRY_CAST(TRY_CAST({expr} AS TIMESTAMPTZ) AS TIMESTAMP)"
+    return f"TRY_CAST({expr} AS {_TYPE_SQL[ftype]})"
+
+
+def stage_entity(con, cfg: Config, entity: str, run_id: str, run_at: datetime, manifest: dict,
+                 parquet_dir: Path, progress=None) -> dict:
+    """Load every extracted source of an entity into staging, in one transaction. Returns counts per system."""
+    done = con.execute(
+        "SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = ?", [run_id, entity, STAGE]
+    ).fetchone()
+    if done:
+        return json.loads(done[0])
+    ent = cfg.entity(entity)
+    results: dict[str, dict] = {}
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for system in sorted(manifest["systems"]):
+            plan = manifest["systems"][system]
+            path = parquet_dir / f"{system}.parquet"
+            if not path.exists():
+                raise ReconcileError(f"extract of {system!r} for run {run_id!r} is missing ({path}); run extract first")
+            results[system] = _stage_source(con, cfg, entity, system, ent.sources[system], plan, path, run_id, run_at)
+            if progress:
+                r = results[system]
+                progress(f"  staged {system}: {r['staged']} rows ({r['inserted']} new, {r['updated']} changed, "
+                         f"{r['deleted']} deleted), {r['quarantined']} quarantined")
+        con.execute(
+            "INSERT INTO audit.stage_runs VALUES (?, ?, ?, ?, ?)", [run_id, entity, STAGE, run_at, json.dumps(results)]
+        )
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return results
+
+
+def _stage_source(con, cfg: Config, entity: str, system: str, source: SourceConfig, plan: dict, path: Path,
+                  run_id: str, run_at: datetime) -> dict:
+    ent = cfg.entities[entity]
+    region = cfg.systems[system].phone_region or cfg.defaults.phone_region
+    table = staging_table(system, entity)
+    history = f"{table}_history"
+    columns = plan["columns"]
+
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _ext AS SELECT * FROM read_parquet({sql_literal(str(path))})")
+    extracted = con.execute("SELECT count(*) FROM _ext").fetchone()[0]
+
+    key = f"NULLIF(CAST({q(source.key)} AS VARCHAR), '')"
+    canon, checks = [], []
+    for fname, mapping in source.fields.items():
+        ftype = ent.fields[fname].type
+        text_expr = apply_steps(q(mapping.column), mapping.steps, region)
+        typed = _typed(text_expr, ftype)
+        canon.append(f"{typed} AS {q(fname)}")
+        if ftype != "string":
+            checks.append(
+                f"CASE WHEN ({text_expr}) IS NOT NULL AND {typed} IS NULL THEN 'value ' || "
+                f"{sql_literal(chr(39))} || CAST({q(mapping.column)} AS VARCHAR) || {sql_literal(chr(39))} || "
+                f"' in column {mapping.column} is not a valid {ftype} (field {fname})' END"
+            )
+        if any(s.name == "email" for s in mapping.steps):
+            checks.append(
+                f"CASE WHEN ({text_expr}) IS NOT NULL AND NOT regexp_full_match({text_expr}, "
+                f"{sql_literal(EMAIL_PATTERN)}) THEN 'invalid email in column {mapping.column}: ' || "
+                f"{sql_literal(chr(39))} || CAST({q(mapping.column)} AS VARCHAR) || {sql_literal(chr(39))} END"
+            )
+    if source.modified_at:
+        mod = _typed(q(source.modified_at), "timestamp")
+        checks.append(
+            f"CASE WHEN {q(source.modified_at)} IS NOT NULL AND {mod} IS NULL THEN 'unparseable timestamp in column "
+            f"{source.modified_at}: ' || {sql_literal(chr(39))} || {q(source.modified_at)} || {sql_literal(chr(39))} END"
+        )
+    else:
+        mod = "CAST(NULL AS TIMESTAMP)"
+    checks.insert(0, f"CASE WHEN {key} IS NULL THEN 'null primary key (column {source.key})' END")
+    checks.insert(1, f"CASE WHEN {key} IS NOT NULL AND count(*) OVER (PARTITION BY {key}) > 1 THEN "
+                     f"'duplicate primary key ' || {key} || ' (' || count(*) OVER (PARTITION BY {key}) || ' rows, column "
+                     f"{source.key})' END")
+    raw = [f"{q(c)} AS {q('_raw_' + c)}" for c in columns]
+    raw_struct = "to_json(struct_pack(" + ", ".join(f"{q(c)} := {q(c)}" for c in columns) + "))"
+    fields = list(source.fields)
+    row_hash = "md5(concat_ws(chr(31), " + ", ".join(
+        f"coalesce(CAST({q(f)} AS VARCHAR), chr(0))" for f in fields) + "))"
+
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE _cand AS
+        SELECT {key} AS _record_key, {mod} AS _source_modified_at, {', '.join(canon)}, {', '.join(raw)},
+               {raw_struct} AS _raw_json,
+               concat_ws('; ', {', '.join(checks)}) AS _reasons
+        FROM _ext
+    """)
+    con.execute(
+        """INSERT INTO audit.quarantine
+           SELECT ?, ?, ?, _record_key, _reasons, _raw_json, ? FROM _cand WHERE _reasons <> ''""",
+        [run_id, entity, system, run_at],
+    )
+    quarantined = con.execute("SELECT count(*) FROM _cand WHERE _reasons <> ''").fetchone()[0]
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE _good AS
+        SELECT * EXCLUDE (_raw_json, _reasons), {sql_literal(run_id)} AS _run_id,
+               CAST({sql_literal(run_at.isoformat())} AS TIMESTAMP) AS _extracted_at
+        FROM _cand WHERE _reasons = ''
+    """)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _good AS SELECT *, {row_hash} AS _row_hash FROM _good")
+
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'staging' AND table_name = ?",
+        [f"{system}__{entity}"],
+    ).fetchone()[0]
+    if not exists:
+        con.execute(f"CREATE TABLE {table} AS SELECT * FROM _good LIMIT 0")
+    prev = table
+    full = plan["mode"] == "full"
+    bad_keys = "(SELECT _record_key FROM _cand WHERE _reasons <> '' AND _record_key IS NOT NULL)"
+
+    counts = con.execute(f"""
+        SELECT count(*) FILTER (WHERE p._record_key IS NULL),
+               count(*) FILTER (WHERE p._record_key IS NOT NULL AND p._row_hash <> g._row_hash)
+        FROM _good g LEFT JOIN {prev} p USING (_record_key)
+    """).fetchone()
+    inserted, updated = counts
+    # Keys gone from a full snapshot are deletions, unless the key is only missing because its row was quarantined.
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE _deleted AS
+        SELECT * FROM {prev}
+        WHERE {'TRUE' if full else 'FALSE'}
+          AND _record_key NOT IN (SELECT _record_key FROM _good)
+          AND _record_key NOT IN {bad_keys}
+    """)
+    deleted = con.execute("SELECT count(*) FROM _deleted").fetchone()[0]
+
+    # History: every new version and every deletion, per run (the snapshots that let runs be compared).
+    con.execute(f"""
+        CREATE TABLE IF NOT EXISTS {history} AS
+        SELECT *, CAST(NULL AS VARCHAR) AS _change FROM _good LIMIT 0
+    """)
+    _add_missing_columns(con, history, "_good")
+    con.execute(f"""
+        INSERT INTO {history} BY NAME
+        SELECT g.*, CASE WHEN p._record_key IS NULL THEN 'insert' ELSE 'update' END AS _change
+        FROM _good g LEFT JOIN {prev} p USING (_record_key)
+        WHERE p._record_key IS NULL OR p._row_hash <> g._row_hash
+    """)
+    con.execute(f"""
+        INSERT INTO {history} BY NAME
+        SELECT * EXCLUDE (_run_id, _extracted_at), {sql_literal(run_id)} AS _run_id,
+               CAST({sql_literal(run_at.isoformat())} AS TIMESTAMP) AS _extracted_at, 'delete' AS _change
+        FROM _deleted
+    """)
+
+    # New current state: this run's good rows, plus earlier rows this extract did not replace or delete.
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE _next AS
+        SELECT * FROM _good
+        UNION ALL BY NAME
+        SELECT * FROM {prev}
+        WHERE _record_key NOT IN (SELECT _record_key FROM _good)
+          AND _record_key NOT IN (SELECT _record_key FROM _deleted)
+    """)
+    keep = ", ".join(["_record_key"] + [q(f) for f in fields] +
+                     ["_run_id", "_extracted_at", "_source_modified_at", "_row_hash"] +
+                     [q("_raw_" + c) for c in columns])
+    con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT {keep} FROM _next ORDER BY _record_key")
+    staged = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+    newest = con.execute("SELECT max(_source_modified_at) FROM _good").fetchone()[0]
+    old = con.execute(
+        "SELECT watermark, runs_since_full, last_full_run_id FROM audit.watermarks WHERE entity = ? AND system = ?",
+        [entity, system],
+    ).fetchone()
+    watermark = max([w for w in (newest, old[0] if old else None) if w is not None], default=None)
+    runs_since_full = 0 if full else ((old[1] if old else 0) + 1)
+    con.execute(
+        """INSERT OR REPLACE INTO audit.watermarks VALUES (?, ?, ?, ?, ?, ?)""",
+        [entity, system, watermark, plan["source_hash"], runs_since_full,
+         run_id if full else (old[2] if old else None)],
+    )
+    con.execute(
+        "INSERT OR REPLACE INTO audit.extracts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [run_id, entity, system, plan["mode"], plan["since"], extracted, extracted - quarantined, quarantined,
+         inserted, updated, deleted, staged, watermark],
+    )
+    for t in ("_ext", "_cand", "_good", "_deleted", "_next"):
+        con.execute(f"DROP TABLE IF EXISTS {t}")
+    return {"mode": plan["mode"], "extracted": extracted, "quarantined": quarantined,
+            "accepted": extracted - quarantined, "staged": staged,
+            "inserted": inserted, "updated": updated, "deleted": deleted}
+
+
+def _add_missing_columns(con, table: str, like: str) -> None:
+    """Schema evolution for history tables: a newly mapped field becomes a new (nullable) column."""
+    have = {r[0] for r in con.execute(f"SELECT column_name FROM (DESCRIBE {table})").fetchall()}
+    for name, ctype in con.execute(f"SELECT column_name, column_type FROM (DESCRIBE {like})").fetchall():
+        if name not in have:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN {q(name)} {ctype}")

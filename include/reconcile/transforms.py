@@ -1,0 +1,87 @@
+"""Canonicalising transforms as DuckDB SQL: one place, used by extraction (and later by planning).
+
+Every transform maps a VARCHAR expression to a VARCHAR expression, so steps chain. Blanks become NULL,
+which is what lets later stages say "a blank never wins over a value". `phone` is the one step that needs
+a library (phonenumbers): it runs as a vectorised DuckDB UDF over distinct values, registered by
+`register_functions`.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from .config.models import TransformStep
+
+EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+PHONE_UDF = "reconcile_phone_e164"
+
+
+def sql_literal(value: object) -> str:
+    """A SQL literal for a scalar from the config (strings quoted, booleans as text 'true'/'false')."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "'true'" if value else "'false'"
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def apply_steps(expr: str, steps: list[TransformStep], default_region: str) -> str:
+    """Wrap a VARCHAR SQL expression in the transform steps, in order."""
+    for step in steps:
+        if step.name == "email":
+            expr = f"nullif(lower(trim({expr})), '')"
+        elif step.name == "trim":
+            expr = f"nullif(trim({expr}), '')"
+        elif step.name == "lower":
+            expr = f"lower({expr})"
+        elif step.name == "upper":
+            expr = f"upper({expr})"
+        elif step.name == "phone":
+            expr = f"{PHONE_UDF}({expr}, {sql_literal(step.region or default_region)})"
+        elif step.name == "map":
+            # Values the map does not name pass through unchanged: a gate reports them, nothing is lost.
+            whens = " ".join(f"WHEN {sql_literal(k)} THEN {sql_literal(v)}" for k, v in sorted(step.mapping.items()))
+            expr = f"(CASE CAST({expr} AS VARCHAR) {whens} ELSE CAST({expr} AS VARCHAR) END)"
+        else:  # pragma: no cover - the config rules reject unknown names first
+            raise ValueError(f"unknown transform {step.name!r}")
+    return expr
+
+
+@lru_cache(maxsize=200_000)
+def phone_e164(value: str | None, region: str) -> str | None:
+    """E.164 for a phone number, or the trimmed input when it cannot be parsed (never dropped)."""
+    import phonenumbers
+
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    candidate = "+" + text[2:].lstrip() if text.startswith("00") else text
+    try:
+        num = phonenumbers.parse(candidate, region)
+    except phonenumbers.NumberParseException:
+        return text
+    if not phonenumbers.is_possible_number(num):
+        return text
+    return phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164)
+
+
+def register_functions(con) -> None:
+    """Register the UDFs transforms need on a DuckDB connection (idempotent)."""
+    import duckdb
+    import pyarrow as pa
+
+    def _phone(values, regions):  # pyarrow arrays in, pyarrow array out
+        vals = values.to_pylist()
+        regs = regions.to_pylist()
+        return pa.array([phone_e164(v, r or "US") for v, r in zip(vals, regs)], type=pa.string())
+
+    try:
+        con.create_function(PHONE_UDF, _phone, [duckdb.sqltype("VARCHAR"), duckdb.sqltype("VARCHAR")],
+                            duckdb.sqltype("VARCHAR"), type="arrow", null_handling="special")
+    except duckdb.CatalogException:
+        pass  # already registered on this connection

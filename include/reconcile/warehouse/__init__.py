@@ -1,0 +1,116 @@
+"""The warehouse: the bus every stage reads and writes.
+
+Two files, on purpose:
+- the *working* database (`<state_dir>/work.duckdb`), opened by one writer at a time under a file lock;
+- the *published* database at the config's `warehouse:` path, which analysts open. It is replaced
+  atomically (copy, then rename) when a run finishes, so an analyst holding it open keeps a consistent
+  snapshot and never blocks or sees a half-finished run.
+Parallel extract tasks never open either file: they write Parquet into the run's folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+
+from ..config.models import Config
+from ..errors import ReconcileError
+from ..transforms import register_functions
+from .ddl import ensure_schema
+
+__all__ = ["open_work", "publish", "open_published", "run_dir", "ensure_schema", "safe_name"]
+
+LOCK_WAIT_SECONDS = 1800
+
+
+def safe_name(run_id: str) -> str:
+    """A run id made safe as a folder name (Airflow run ids contain ':' and '+')."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in run_id)
+
+
+def run_dir(cfg: Config, run_id: str) -> Path:
+    return cfg.state_dir / "runs" / safe_name(run_id)
+
+
+@contextlib.contextmanager
+def _lock(path: Path, wait: float) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        deadline = time.monotonic() + wait
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() > deadline:
+                    raise ReconcileError(
+                        f"the working warehouse {path.parent / 'work.duckdb'} is held by another reconcile process "
+                        f"for over {wait:.0f}s; is a run stuck?"
+                    ) from None
+                if not announced:
+                    print(f"waiting for another reconcile process to release {path} ...", file=sys.stderr)
+                    announced = True
+                time.sleep(0.5)
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def open_work(cfg: Config, wait: float = LOCK_WAIT_SECONDS) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the working database for writing (one process at a time), schema ensured, UDFs registered."""
+    state = cfg.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    with _lock(state / "work.lock", wait):
+        con = duckdb.connect(str(state / "work.duckdb"))
+        try:
+            con.execute("SET TimeZone = 'UTC'")
+            register_functions(con)
+            ensure_schema(con)
+            yield con
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+
+
+def publish(cfg: Config, wait: float = LOCK_WAIT_SECONDS) -> Path:
+    """Copy the working database to the published path atomically. Returns the published path."""
+    target = cfg.warehouse_path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = cfg.state_dir / "work.duckdb"
+    with _lock(cfg.state_dir / "work.lock", wait):
+        if not work.exists():
+            raise ReconcileError(f"nothing to publish: {work} does not exist yet (run `reconcile run` first)")
+        con = duckdb.connect(str(work))
+        try:
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.copyfile(work, tmp)
+        os.replace(tmp, target)  # atomic: readers keep the old file until they reopen
+    return target
+
+
+def open_published(cfg: Config) -> duckdb.DuckDBPyConnection:
+    """Open the published warehouse read-only (what analysts and `reconcile status` read)."""
+    path = cfg.warehouse_path
+    if not path.exists():
+        raise ReconcileError(f"no warehouse at {path} yet: run `reconcile run --config {cfg.path}` first")
+    return duckdb.connect(str(path), read_only=True)
