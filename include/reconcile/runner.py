@@ -61,12 +61,12 @@ def begin_run(cfg: Config, entity: str, run_id: str, run_at: datetime, full: boo
     run_at = utc_naive(run_at)
     edir = _entity_dir(cfg, run_id, entity)
     manifest_path = edir / "manifest.json"
-    if manifest_path.exists():  # a retried task: keep the first decision
-        return json.loads(manifest_path.read_text())
     with open_work(cfg) as con:
         status = con.execute("SELECT status FROM audit.runs WHERE run_id = ? AND entity = ?", [run_id, entity]).fetchone()
         if status and status[0] != "running":
             raise ReconcileError(f"run {run_id!r} of {entity!r} already finished with status {status[0]!r}; use a new run id")
+        if status and manifest_path.exists():  # a retried task: keep the first decision
+            return json.loads(manifest_path.read_text())
         con.execute(
             "INSERT OR IGNORE INTO audit.runs (run_id, entity, status, run_at, started_at) VALUES (?, ?, 'running', ?, ?)",
             [run_id, entity, run_at, utc_naive(datetime.now(timezone.utc))],
