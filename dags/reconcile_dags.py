@@ -1,0 +1,137 @@
+"""Nightly reconciliation: one DAG per configured entity (`reconcile_<entity>`), built from reconcile.yaml.
+
+Each run extracts every source system of the entity in parallel, then loads them into the warehouse's
+staging tables (`staging.<system>__<entity>`, declared as Assets so downstream DAGs can run when staging
+is fresh), and finally records the run in `audit.runs` and publishes the warehouse file analysts read.
+
+* Config: `$RECONCILE_CONFIG`, default `config/reconcile.yaml` under the repository root.
+* Trigger with `{"full": true}` to force a full snapshot of every source instead of an incremental read.
+* Every task is one call into the `reconcile` library and is safe to retry: each step is idempotent for
+  the Airflow run id, which is also the run id in `audit.runs`.
+* `finish_run` always runs: it records a failed run (and fails the DAG run) when an earlier task failed.
+
+Parse time reads only the local YAML file: no database, connection or Variable is touched here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from airflow.sdk import Asset, Param, TriggerRule, dag, get_current_context, task
+
+from reconcile.config import Config, load_config
+
+CONFIG_ENV = "RECONCILE_CONFIG"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "reconcile.yaml"
+
+log = logging.getLogger("reconcile")
+
+DEFAULT_ARGS = {
+    "owner": "reconcile",
+    "retries": 2,
+    "retry_delay": timedelta(minutes=2),
+}
+# Sources are other teams' production systems: ride out restarts and brief outages before failing the run.
+EXTRACT_RETRIES = {
+    "retries": 3,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+
+def config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG).expanduser()
+
+
+def read_config() -> Config:
+    """The config, or an error that says how to point Airflow at one (shown as the file's import error)."""
+    path = config_path()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"reconcile config not found at {path}: set the environment variable {CONFIG_ENV} to your "
+            f"reconcile.yaml (default when unset: {DEFAULT_CONFIG}); `reconcile demo init DIR` writes a demo one"
+        )
+    return load_config(path)
+
+
+def staging_asset(system: str, entity: str) -> Asset:
+    table = f"staging.{system}__{entity}"
+    return Asset(name=table, uri=f"reconcile://{entity}/{table}", group="reconcile")
+
+
+def _connection_urls(cfg: Config, system: str) -> dict[str, str] | None:
+    """URL of a system configured as an Airflow connection, looked up at run time (never logged)."""
+    conn_id = cfg.systems[system].connection
+    if not conn_id:
+        return None
+    from airflow.sdk import Connection
+
+    return {system: Connection.get(conn_id).get_uri()}
+
+
+def build_dag(cfg: Config, entity: str):
+    """The DAG `reconcile_<entity>`: begin_run -> extract (one mapped task per system) -> load_staging -> finish_run."""
+    systems = sorted(cfg.entities[entity].sources)
+
+    @dag(
+        dag_id=f"reconcile_{entity}",
+        schedule=cfg.schedule,
+        start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+        catchup=False,
+        max_active_runs=1,
+        tags=["reconcile", entity],
+        doc_md=f"{__doc__}\n**This DAG:** entity `{entity}` from {', '.join(systems)} (config `{cfg.path}`).",
+        default_args=DEFAULT_ARGS,
+        params={"full": Param(False, type="boolean", description="Force a full snapshot of every source")},
+    )
+    def reconcile_entity():
+        @task
+        def begin_run() -> dict:
+            from reconcile import runner
+
+            ctx = get_current_context()
+            manifest = runner.begin_run(cfg, entity, ctx["run_id"], ctx["dag_run"].run_after,
+                                        full=True if ctx["params"]["full"] else None)
+            return {system: plan["mode"] for system, plan in manifest["systems"].items()}
+
+        @task(**EXTRACT_RETRIES)
+        def extract(system: str) -> dict:
+            from reconcile import runner
+
+            return runner.extract_system(cfg, entity, system, get_current_context()["run_id"],
+                                         url_overrides=_connection_urls(cfg, system), progress=log.info)
+
+        @task(outlets=[staging_asset(system, entity) for system in systems])
+        def load_staging() -> dict:
+            from reconcile import runner
+
+            return runner.load_staging(cfg, entity, get_current_context()["run_id"], progress=log.info)
+
+        @task(trigger_rule=TriggerRule.ALL_DONE)
+        def finish_run() -> dict:
+            from airflow.sdk.exceptions import AirflowFailException
+            from reconcile import runner
+
+            ctx = get_current_context()
+            ti, run_id = ctx["ti"], ctx["run_id"]
+            states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id]).get(run_id, {})
+            failed = sorted(t for t, s in states.items() if t != ti.task_id and s not in ("success", "skipped"))
+            error = f"upstream task(s) did not succeed: {', '.join(failed)}" if failed else None
+            summary = runner.finish_run(cfg, entity, run_id, status="failed" if failed else "success",
+                                        error=error, progress=log.info)
+            if summary["status"] == "failed":
+                ti.xcom_push(key="summary", value=summary)
+                raise AirflowFailException(f"reconcile run {run_id} of {entity} failed: {summary.get('error')}")
+            return summary
+
+        begin_run() >> extract.expand(system=systems) >> load_staging() >> finish_run()
+
+    return reconcile_entity()
+
+
+_cfg = read_config()
+for _entity in sorted(_cfg.entities):
+    globals()[f"reconcile_{_entity}"] = build_dag(_cfg, _entity)

@@ -1,0 +1,82 @@
+"""Airflow environment and fixtures for the DAG integrity tests.
+
+Airflow reads AIRFLOW_HOME and its config when it is first imported, so this runs at conftest import, before
+any test module imports airflow: a throwaway AIRFLOW_HOME with its own SQLite metadata DB (never the
+project's `.airflow` that `make` exports, never a database from the caller's shell), our dags folder, no
+examples. tests/integration/conftest.py does the same and shares the home through _RECONCILE_TEST_AIRFLOW_HOME,
+so both folders can run in one pytest session.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DAGS_FOLDER = REPO / "dags"
+DAG_FILE = DAGS_FOLDER / "reconcile_dags.py"
+
+
+def _airflow_test_env() -> str:
+    home = os.environ.get("_RECONCILE_TEST_AIRFLOW_HOME")
+    if not home:
+        home = tempfile.mkdtemp(prefix="reconcile-test-airflow-")
+        os.environ["_RECONCILE_TEST_AIRFLOW_HOME"] = home
+        atexit.register(shutil.rmtree, home, True)
+    os.environ.update({
+        "AIRFLOW_HOME": home,
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+    })
+    return home
+
+
+AIRFLOW_HOME = _airflow_test_env()
+
+
+def parse_dags(config: Path | str | None, monkeypatch: pytest.MonkeyPatch):
+    """A DagBag of our dags folder parsed with RECONCILE_CONFIG=config (unset when None). Needs no DB."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    if config is None:
+        monkeypatch.delenv("RECONCILE_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("RECONCILE_CONFIG", str(config))
+    return DagBag(dag_folder=str(DAGS_FOLDER))
+
+
+@cache
+def demo_dag_bag():
+    """(DagBag, config path) for a generated demo of 40 people; built once, also at collection time."""
+    from reconcile.demo import init_demo
+
+    root = tempfile.mkdtemp(prefix="reconcile-test-demo-")
+    atexit.register(shutil.rmtree, root, True)
+    config = Path(init_demo(root, people=40)["config"])
+    with pytest.MonkeyPatch.context() as mp:
+        return parse_dags(config, mp), config
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # One test per DAG, named by the file that defines it (astro-cli's Airflow 3 integrity-test idiom).
+    if "dag_id" in metafunc.fixturenames:
+        bag, _ = demo_dag_bag()
+        ids = sorted(bag.dag_ids)
+        metafunc.parametrize(
+            "dag_id", ids, ids=[f"{Path(bag.dags[d].fileloc).relative_to(REPO)}::{d}" for d in ids])
+
+
+@pytest.fixture(scope="session")
+def dag_bag():
+    return demo_dag_bag()[0]
+
+
+@pytest.fixture(scope="session")
+def demo_config() -> Path:
+    return demo_dag_bag()[1]

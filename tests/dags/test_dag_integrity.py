@@ -1,0 +1,139 @@
+"""DAG integrity: dags/ parses cleanly against a generated demo config, and every DAG follows our rules."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+
+import pytest
+import yaml
+from conftest import DAG_FILE, DAGS_FOLDER, REPO, parse_dags
+
+from reconcile.config import load_config
+
+TASK_IDS = {"begin_run", "extract", "load_staging", "finish_run"}
+# Never imported when the DAG file is parsed: the dag processor parses every few seconds.
+HEAVY_MODULES = {"duckdb", "pyarrow", "pandas", "great_expectations", "reconcile.runner", "reconcile.warehouse",
+                 "reconcile.stages", "reconcile.connectors"}
+
+
+def test_no_import_errors(dag_bag):
+    assert not dag_bag.import_errors, "\n".join(f"{f}: {e}" for f, e in dag_bag.import_errors.items())
+
+
+def test_one_dag_per_entity(dag_bag, demo_config):
+    cfg = load_config(demo_config)
+    assert set(dag_bag.dag_ids) == {f"reconcile_{e}" for e in cfg.entities}
+
+
+def test_dag_settings(dag_bag, demo_config, dag_id):
+    cfg = load_config(demo_config)
+    dag = dag_bag.dags[dag_id]
+    entity = dag_id.removeprefix("reconcile_")
+    assert set(dag.tags) == {"reconcile", entity}
+    assert dag.schedule == cfg.schedule is not None  # explicit, straight from the config
+    assert dag.catchup is False
+    assert dag.max_active_runs == 1
+    assert dag.doc_md and f"`{entity}`" in dag.doc_md
+    assert dag.params["full"] is False
+    for t in dag.tasks:
+        assert t.retries >= 1, f"{t.task_id} has no retries"
+
+
+def test_dag_tasks(dag_bag, demo_config, dag_id):
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    cfg = load_config(demo_config)
+    dag = dag_bag.dags[dag_id]
+    entity = dag_id.removeprefix("reconcile_")
+    systems = sorted(cfg.entities[entity].sources)
+    assert set(dag.task_ids) == TASK_IDS
+
+    extract = dag.get_task("extract")
+    assert isinstance(extract, MappedOperator), "extraction must be one mapped task instance per system"
+    # TaskFlow keeps expand(...) kwargs under op_kwargs_expand_input; this accessor covers both kinds.
+    assert extract._get_specified_expand_input().value == {"system": systems}
+    assert extract.retries == 3
+    assert extract.retry_exponential_backoff > 0
+    assert extract.max_retry_delay and extract.max_retry_delay <= timedelta(hours=1)
+
+    # begin_run -> extract[*] -> load_staging -> finish_run
+    assert dag.get_task("begin_run").downstream_task_ids == {"extract"}
+    assert extract.downstream_task_ids == {"load_staging"}
+    assert dag.get_task("load_staging").downstream_task_ids == {"finish_run"}
+    finish = dag.get_task("finish_run")
+    assert finish.trigger_rule == "all_done", "finish_run must record failed runs too"
+    assert not finish.downstream_task_ids
+
+    outlets = dag.get_task("load_staging").outlets
+    assert sorted(a.name for a in outlets) == [f"staging.{s}__{entity}" for s in systems]
+    assert sorted(a.uri for a in outlets) == [f"reconcile://{entity}/staging.{s}__{entity}" for s in systems]
+
+
+def test_parse_time_and_no_heavy_imports(demo_config):
+    # A fresh interpreter with Airflow already imported (as in the dag processor); time only our file.
+    code = f"""
+import json, runpy, sys, time
+import airflow.sdk
+before = set(sys.modules)
+t0 = time.perf_counter()
+runpy.run_path({str(DAG_FILE)!r})
+seconds = time.perf_counter() - t0
+print(json.dumps({{"seconds": seconds, "new": sorted(set(sys.modules) - before)}}))
+"""
+    env = {**os.environ, "RECONCILE_CONFIG": str(demo_config)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["seconds"] < 2.0, f"parsing {DAG_FILE.name} took {result['seconds']:.2f}s"
+    heavy = sorted(m for m in result["new"] if m.split(".")[0] in HEAVY_MODULES or m in HEAVY_MODULES
+                   or any(m.startswith(h + ".") for h in HEAVY_MODULES))
+    assert not heavy, f"parse-time imports of heavy modules: {heavy}"
+
+
+def test_dagbag_parse_duration(dag_bag):
+    (stat,) = [s for s in dag_bag.dagbag_stats if s.file.endswith(DAG_FILE.name)]
+    assert stat.duration < timedelta(seconds=2)
+
+
+def test_missing_config_is_a_clear_import_error(tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere" / "reconcile.yaml"
+    bag = parse_dags(missing, monkeypatch)
+    assert not bag.dag_ids
+    (error,) = bag.import_errors.values()
+    assert "RECONCILE_CONFIG" in error and str(missing) in error
+
+
+def test_default_config_path(monkeypatch):
+    default = REPO / "config" / "reconcile.yaml"
+    bag = parse_dags(None, monkeypatch)
+    if default.is_file():
+        assert not bag.import_errors
+    else:
+        (error,) = bag.import_errors.values()
+        assert "RECONCILE_CONFIG" in error and str(default) in error
+
+
+def test_invalid_config_is_an_import_error(tmp_path, monkeypatch):
+    bad = tmp_path / "reconcile.yaml"
+    bad.write_text("version: 1\nwarehouse: w.duckdb\nsystems: {}\nentities: {contact: {sources: {}}}\n")
+    bag = parse_dags(bad, monkeypatch)
+    (error,) = bag.import_errors.values()
+    assert str(bad) in error
+
+
+def test_several_entities_and_no_schedule(demo_config, tmp_path, monkeypatch):
+    data = yaml.safe_load(demo_config.read_text())
+    data["schedule"] = None
+    data["entities"]["lead"] = data["entities"]["contact"]
+    config = demo_config.parent / "two_entities.yaml"  # beside the demo: relative system paths still resolve
+    config.write_text(yaml.safe_dump(data))
+    bag = parse_dags(config, monkeypatch)
+    assert not bag.import_errors
+    assert set(bag.dag_ids) == {"reconcile_contact", "reconcile_lead"}
+    for dag in bag.dags.values():
+        assert dag.schedule is None  # manual runs only
+    assert {a.name for a in bag.dags["reconcile_lead"].get_task("load_staging").outlets} == {
+        "staging.crm__lead", "staging.marketing__lead", "staging.erp__lead"}
