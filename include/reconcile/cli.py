@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--limit", type=int, default=10)
     status.add_argument("--json", action="store_true")
 
+    gates = sub.add_parser("gates", help="show quality gate outcomes of a run (default: the latest run)")
+    _config_arg(gates)
+    gates.add_argument("--run", dest="run_id", help="run id (default: the latest run)")
+    gates.add_argument("--entity", "-e", help="only this entity")
+    gates.add_argument("--failed", action="store_true", help="only expectations that were not met")
+    gates.add_argument("--json", action="store_true")
+
     sub.add_parser("schema", help="print the config's JSON schema (for editors)")
     return parser
 
@@ -86,6 +93,8 @@ def _dispatch(args) -> int:
         return _run(args)
     if args.command == "status":
         return _status(args)
+    if args.command == "gates":
+        return _gates(args)
     if args.command == "schema":
         print(json.dumps(json_schema(), indent=2))
         return 0
@@ -218,6 +227,54 @@ def _status(args) -> int:
         counts = ", ".join(f"{k} {v}/{s.get('quarantined', {}).get(k, 0)}" for k, v in sorted(s.get("extracted", {}).items()))
         fin = r["finished_at"].strftime("%Y-%m-%d %H:%M:%S") if r["finished_at"] else "-"
         print(f"{r['run_id']:<36} {r['entity']:<10} {r['status']:<8} {fin:<20} {counts}")
+    return 0
+
+
+def _gates(args) -> int:
+    from .warehouse import open_published
+
+    cfg = load_config(args.config)
+    con = open_published(cfg)
+    try:
+        run_id = args.run_id or (con.execute(
+            "SELECT run_id FROM audit.quality_results ORDER BY evaluated_at DESC, run_id DESC LIMIT 1").fetchone() or [None])[0]
+        if run_id is None:
+            print("no gate results yet")
+            return 0
+        sql = """SELECT entity, table_name, expectation, severity, success, observed_value, threshold, unexpected_count
+                 FROM audit.quality_results WHERE run_id = ?"""
+        params: list = [run_id]
+        if args.entity:
+            sql += " AND entity = ?"
+            params.append(args.entity)
+        if args.failed:
+            sql += " AND NOT success"
+        rows = con.execute(sql + " ORDER BY entity, table_name, expectation", params).fetchall()
+        if not rows and not args.failed:
+            raise ReconcileError(f"no gate results for run {run_id!r}")
+        held = con.execute("SELECT target, count(DISTINCT identity) FROM audit.holds WHERE run_id = ? GROUP BY 1 ORDER BY 1",
+                           [run_id]).fetchall()
+        blocks = con.execute("SELECT target, field, reason FROM audit.write_blocks WHERE run_id = ? ORDER BY 1, 2",
+                             [run_id]).fetchall()
+    finally:
+        con.close()
+    outcomes = [{"entity": r[0], "table": r[1], "expectation": r[2], "severity": r[3],
+                 "outcome": "passed" if r[4] else ("failed" if r[3] == "error" else "warned"),
+                 "observed": r[5], "threshold": json.loads(r[6]) if r[6] else None, "unexpected": r[7]} for r in rows]
+    if args.json:
+        print(json.dumps({"run_id": run_id, "outcomes": outcomes, "held": dict(held),
+                          "blocked": [{"target": b[0], "field": b[1], "reason": b[2]} for b in blocks]}, indent=2))
+        return 0
+    print(f"gates of run {run_id}")
+    print(f"{'table':<28} {'expectation':<32} {'severity':<8} {'outcome':<7} {'observed':<14} threshold")
+    for o in outcomes:
+        th = ", ".join(f"{k}={v}" for k, v in (o["threshold"] or {}).items() if v is not None and k != "regex")
+        print(f"{o['table']:<28} {o['expectation']:<32} {o['severity']:<8} {o['outcome']:<7} "
+              f"{str(o['observed'])[:14]:<14} {th}")
+    for target, n in held:
+        print(f"held: {n} identities are not written to {target} (see review.items)")
+    for target, field, reason in blocks:
+        print(f"blocked: writes into {target}{'' if field == '*' else ' of ' + field}: {reason}")
     return 0
 
 

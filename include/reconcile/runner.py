@@ -19,7 +19,8 @@ from pathlib import Path
 from .config import Config, resolve_url
 from .errors import ReconcileError
 from .stages import extract as extract_stage
-from .warehouse import open_work, publish, run_dir
+from .stages import quality as quality_stage
+from .warehouse import open_work, publish, run_dir, safe_name
 
 Progress = Callable[[str], None]
 
@@ -102,6 +103,58 @@ def load_staging(cfg: Config, entity: str, run_id: str, progress: Progress = _qu
         )
 
 
+def docs_dir(cfg: Config, run_id: str) -> Path:
+    """Where a run's Great Expectations Data Docs go (beside the published warehouse)."""
+    return cfg.warehouse_path.parent / "data_docs" / safe_name(run_id)
+
+
+def validate_system(cfg: Config, entity: str, system: str, run_id: str, progress: Progress = _quiet) -> dict:
+    """Run the quality suite on one staging table (read-only: tables validate in parallel).
+
+    The outcome is saved in the run folder for `apply_gates`; returns it, including which error gates failed.
+    """
+    manifest = _read_manifest(cfg, entity, run_id)
+    if system not in manifest["systems"]:
+        raise ReconcileError(f"entity {entity!r} has no source in system {system!r}")
+    progress(f"validating staging.{system}__{entity}")
+    with open_work(cfg, read_only=True) as con:
+        result = quality_stage.validate_table(con, cfg, entity, system, run_id,
+                                              datetime.fromisoformat(manifest["run_at"]),
+                                              docs_dir(cfg, run_id) / system)
+    out = _entity_dir(cfg, run_id, entity) / "gates"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{system}.json.tmp"
+    tmp.write_text(json.dumps(result, default=str))
+    os.replace(tmp, out / f"{system}.json")
+    result["errors"] = [r["expectation"] for r in result["results"] if not r["success"] and r["severity"] == "error"]
+    result["warnings"] = [r["expectation"] for r in result["results"] if not r["success"] and r["severity"] == "warn"]
+    return result
+
+
+def apply_gates(cfg: Config, entity: str, run_id: str, progress: Progress = _quiet) -> dict:
+    """Record every table's outcome, find cross-system collisions, decide held and blocked writes."""
+    manifest = _read_manifest(cfg, entity, run_id)
+    gdir = _entity_dir(cfg, run_id, entity) / "gates"
+    validations = {}
+    missing = []
+    for system in sorted(manifest["systems"]):
+        path = gdir / f"{system}.json"
+        if path.exists():
+            validations[system] = json.loads(path.read_text())
+        else:
+            missing.append(system)
+    if missing:
+        raise ReconcileError(f"run {run_id!r}: validation of {', '.join(missing)} did not complete; "
+                             f"nothing can be written until every staging table is validated")
+    index = quality_stage.write_docs_index(docs_dir(cfg, run_id), run_id, validations)
+    with open_work(cfg) as con:
+        gates = quality_stage.record_gates(con, cfg, entity, run_id, datetime.fromisoformat(manifest["run_at"]),
+                                           validations, docs_index=index)
+    progress(f"  gates: {gates['passed']} passed, {gates['warned']} warned, {gates['failed']} failed; "
+             f"held {gates['held'] or 'none'}; data docs {index}")
+    return gates
+
+
 def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", error: str | None = None,
                progress: Progress = _quiet) -> dict:
     """Write the run's summary into audit.runs, publish the warehouse for analysts, return the summary."""
@@ -114,8 +167,16 @@ def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", e
             "SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = 'extract'", [run_id, entity]
         ).fetchone()
         results = json.loads(staged[0]) if staged else {}
+        gates_row = con.execute(
+            "SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = 'gates'", [run_id, entity]
+        ).fetchone()
+        gates = json.loads(gates_row[0]) if gates_row else None
         if not staged and status == "success":
             status, error = "failed", error or "extraction did not complete"
+        elif gates is None and status == "success":
+            status, error = "failed", error or "quality gates did not complete"
+        elif status == "success" and (gates["held"] or gates["blocked"]):
+            status = "blocked"
         summary = {
             "run_id": run_id,
             "status": status,
@@ -127,6 +188,8 @@ def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", e
             "extract_mode": {s: r["mode"] for s, r in results.items()},
             "warehouse": str(cfg.warehouse_path),
         }
+        if gates is not None:
+            summary["gates"] = gates
         if error:
             summary["error"] = error
         con.execute(
@@ -169,6 +232,9 @@ def run_entity(cfg: Config, entity: str, run_id: str | None = None, run_at: date
                 r = f.result()
                 progress(f"  {r['system']}: {r['rows']} rows extracted ({r['mode']})")
         load_staging(cfg, entity, run_id, progress)
+        for s in systems:
+            validate_system(cfg, entity, s, run_id, progress)
+        apply_gates(cfg, entity, run_id, progress)
     except BaseException as e:
         finish_run(cfg, entity, run_id, status="failed", error=str(e), progress=progress)
         raise

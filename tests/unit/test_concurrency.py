@@ -18,7 +18,13 @@ def _extract(config_path: str, system: str, barrier) -> tuple[str, int]:
     return system, runner.extract_system(cfg, "contact", system, "r1")["rows"]
 
 
-def test_extractions_run_concurrently_in_separate_processes(project):
+def _validate(config_path: str, system: str, barrier) -> tuple[str, list]:
+    cfg = load_config(config_path)
+    barrier.wait(timeout=60)
+    return system, runner.validate_system(cfg, "contact", system, "r1")["errors"]
+
+
+def test_extractions_and_validations_run_concurrently_in_separate_processes(project):
     cfg = load_config(project / "reconcile.yaml")
     runner.begin_run(cfg, "contact", "r1", T0)
     ctx = mp.get_context("spawn")
@@ -29,6 +35,13 @@ def test_extractions_run_concurrently_in_separate_processes(project):
     assert sorted(results) == [("crm", 3), ("marketing", 2)]
     staged = runner.load_staging(cfg, "contact", "r1")
     assert {s: r["staged"] for s, r in staged.items()} == {"crm": 3, "marketing": 2}
+    # validation only reads the warehouse: both tables validate at once, sharing the lock
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(2)
+        with ctx.Pool(2) as pool:
+            checked = pool.starmap(_validate, [(str(project / "reconcile.yaml"), s, barrier) for s in ("crm", "marketing")])
+    assert sorted(checked) == [("crm", []), ("marketing", [])]
+    runner.apply_gates(cfg, "contact", "r1")
     assert runner.finish_run(cfg, "contact", "r1")["status"] == "success"
 
 

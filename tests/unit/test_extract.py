@@ -130,8 +130,12 @@ def test_every_step_is_idempotent_for_a_run_id(project):
     first = runner.load_staging(cfg, "contact", "r1")
     again = runner.load_staging(cfg, "contact", "r1")
     assert first == again
-    runner.finish_run(cfg, "contact", "r1")
+    for system in ("crm", "marketing"):
+        runner.validate_system(cfg, "contact", system, "r1")
+    assert runner.apply_gates(cfg, "contact", "r1") == runner.apply_gates(cfg, "contact", "r1")
+    assert runner.finish_run(cfg, "contact", "r1")["status"] == "success"
     assert rows(cfg, "SELECT count(*) FROM staging.crm__contact_history") == [(3,)]
+    assert rows(cfg, "SELECT count(*) FROM audit.sync_health") == [(2,)]
     assert rows(cfg, "SELECT count(*) FROM audit.extracts") == [(2,)]
     with pytest.raises(ReconcileError, match="already finished"):
         runner.begin_run(cfg, "contact", "r1", T0)

@@ -109,10 +109,75 @@ class CanonicalField(_Strict):
     description: str | None = None
 
 
+Severity = Literal["error", "warn"]
+GATE_KINDS = ("key_unique", "key_not_null", "required", "email_format", "picklist", "freshness", "volume",
+              "duplicate_rate", "quarantine_rate")
+DEFAULT_SEVERITY: dict[str, str] = {
+    "key_unique": "error", "key_not_null": "error", "required": "error", "email_format": "error",
+    "picklist": "warn", "freshness": "warn", "volume": "error", "duplicate_rate": "warn", "quarantine_rate": "warn",
+}
+
+
+class VolumeGate(_Strict):
+    """Row count of a staging table within a band around the median of its last accepted runs."""
+
+    history_runs: int | None = Field(default=None, ge=1)   # default 7
+    max_growth: float | None = Field(default=None, ge=0)   # default 0.5: at most +50% over the median
+    max_shrink: float | None = Field(default=None, ge=0, le=1)  # default 0.3: at most -30% under the median
+    tolerance_rows: int | None = Field(default=None, ge=0)  # default 5: slack for small tables
+    min_rows: int | None = Field(default=None, ge=0)       # absolute bounds, checked from the first run
+    max_rows: int | None = Field(default=None, ge=0)
+
+
+class DuplicateRateGate(_Strict):
+    """Share of records sharing a normalised key (email; name + company) with another record of the system."""
+
+    max_increase: float | None = Field(default=None, ge=0, le=1)  # default 0.05 over the median of history
+    max: float | None = Field(default=None, ge=0, le=1)           # absolute ceiling, default none
+
+
+class FreshnessGate(_Strict):
+    max_age_hours: float | None = Field(default=None, gt=0)  # default: not checked
+
+
+class QuarantineRateGate(_Strict):
+    max: float | None = Field(default=None, ge=0, le=1)  # default 0.05
+
+
+class GateOverrides(_Strict):
+    """Gate settings for one system's staging table (overrides the entity-level ones key by key)."""
+
+    severity: dict[str, Severity] = Field(default_factory=dict)
+    volume: VolumeGate = Field(default_factory=VolumeGate)
+    duplicate_rate: DuplicateRateGate = Field(default_factory=DuplicateRateGate)
+    duplicate_keys: dict[str, list[str]] | None = None
+    freshness: FreshnessGate = Field(default_factory=FreshnessGate)
+    quarantine_rate: QuarantineRateGate = Field(default_factory=QuarantineRateGate)
+
+
+class GateSettings(GateOverrides):
+    """`entities.<e>.gates`: defaults for every staging table of the entity, plus per-system overrides."""
+
+    systems: dict[str, GateOverrides] = Field(default_factory=dict)
+
+    def for_system(self, system: str) -> GateOverrides:
+        """Effective settings for one system: its overrides on top of the entity level, key by key."""
+        over = self.systems.get(system)
+        base = self.model_dump(exclude={"systems"})
+        if over is not None:
+            for key, value in over.model_dump(exclude_unset=True).items():
+                if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "duplicate_keys":
+                    base[key] = {**base[key], **{k: v for k, v in value.items() if v is not None}}
+                elif value is not None:
+                    base[key] = value
+        return GateOverrides.model_validate(base)
+
+
 class EntityConfig(_Strict):
     sources: dict[str, SourceConfig]
     fields: dict[str, CanonicalField]
     eligibility: dict[str, str] = Field(default_factory=dict)
+    gates: GateSettings = Field(default_factory=GateSettings)
 
 
 class SystemConfig(_Strict):

@@ -144,6 +144,7 @@ def _check_entity(cfg: Config, ename: str) -> list[Issue]:
         if len(set(field.send_to)) != len(field.send_to):
             issues.append((fpath + ("send_to",), "lists a system twice"))
 
+    issues += _check_gates(entity, base + ("gates",), systems, sources)
     field_types = {f: spec.type for f, spec in entity.fields.items()}
     for target, text in entity.eligibility.items():
         epath = base + ("eligibility", target)
@@ -165,3 +166,24 @@ def _check_system_ref(entity, ename: str, fname: str, system: str, path: tuple, 
         return [(path, f"system {system!r} does not map field {fname!r} "
                        f"(add it under entities.{ename}.sources.{system}.fields)")]
     return []
+
+
+def _check_gates(entity, path: tuple, systems: set, sources: set) -> list[Issue]:
+    from .models import GATE_KINDS
+
+    issues: list[Issue] = []
+    levels = [(path, entity.gates)] + [(path + ("systems", s), o) for s, o in entity.gates.systems.items()]
+    for s in entity.gates.systems:
+        if s not in sources:
+            issues.append((path + ("systems", s), f"system {s!r} has no source for this entity"))
+    for p, level in levels:
+        for kind in level.severity:
+            if kind not in GATE_KINDS:
+                issues.append((p + ("severity", kind), f"unknown gate {kind!r}; known: {', '.join(GATE_KINDS)}"))
+        for name, fields in (level.duplicate_keys or {}).items():
+            if not NAME_RE.match(name):
+                issues.append((p + ("duplicate_keys", name), "duplicate key names are lowercase identifiers"))
+            for i, f in enumerate(fields):
+                if f not in entity.fields:
+                    issues.append((p + ("duplicate_keys", name, i), f"{f!r} is not a canonical field"))
+    return issues

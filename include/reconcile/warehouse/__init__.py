@@ -41,14 +41,14 @@ def run_dir(cfg: Config, run_id: str) -> Path:
 
 
 @contextlib.contextmanager
-def _lock(path: Path, wait: float) -> Iterator[None]:
+def _lock(path: Path, wait: float, shared: bool = False) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         deadline = time.monotonic() + wait
         announced = False
         while True:
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
@@ -63,28 +63,35 @@ def _lock(path: Path, wait: float) -> Iterator[None]:
                     announced = True
                 time.sleep(0.5)
         try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(str(os.getpid()))
-            fh.flush()
+            if not shared:
+                fh.seek(0)
+                fh.truncate()
+                fh.write(str(os.getpid()))
+                fh.flush()
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
-def open_work(cfg: Config, wait: float = LOCK_WAIT_SECONDS) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open the working database for writing (one process at a time), schema ensured, UDFs registered."""
+def open_work(cfg: Config, wait: float = LOCK_WAIT_SECONDS,
+              read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the working database: for writing (one process at a time, schema ensured), or read-only
+    (any number of readers at once, e.g. parallel validation tasks, while no writer holds it)."""
     state = cfg.state_dir
     state.mkdir(parents=True, exist_ok=True)
-    with _lock(state / "work.lock", wait):
-        con = duckdb.connect(str(state / "work.duckdb"))
+    with _lock(state / "work.lock", wait, shared=read_only):
+        if read_only and not (state / "work.duckdb").exists():
+            raise ReconcileError(f"no working warehouse at {state / 'work.duckdb'} yet: nothing has been extracted")
+        con = duckdb.connect(str(state / "work.duckdb"), read_only=read_only)
         try:
             con.execute("SET TimeZone = 'UTC'")
             register_functions(con)
-            ensure_schema(con)
+            if not read_only:
+                ensure_schema(con)
             yield con
-            con.execute("CHECKPOINT")
+            if not read_only:
+                con.execute("CHECKPOINT")
         finally:
             con.close()
 
