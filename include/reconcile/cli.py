@@ -65,6 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
     gates.add_argument("--failed", action="store_true", help="only expectations that were not met")
     gates.add_argument("--json", action="store_true")
 
+    lineage = sub.add_parser("lineage", help="everything held about one person: linked records, golden values with "
+                                             "source and history, consent, changes (answers a DSAR)")
+    _config_arg(lineage)
+    who = lineage.add_mutually_exclusive_group(required=True)
+    who.add_argument("--email", help="any email of the person, in any system (normalised like staging)")
+    who.add_argument("--xid", help="the person's cross-system id")
+    who.add_argument("--record", metavar="SYSTEM:KEY", help="one of the person's records, e.g. crm:0031x00000AbCd")
+    lineage.add_argument("--entity", "-e", help="only this entity (default: every entity)")
+    lineage.add_argument("--json", action="store_true")
+
+    erase = sub.add_parser("erase", help="record an erasure request: the person is suppressed from golden records "
+                                         "from now on, and never re-created by later extracts")
+    _config_arg(erase)
+    who = erase.add_mutually_exclusive_group(required=True)
+    who.add_argument("--email", help="an email of the person (must name exactly one person)")
+    who.add_argument("--xid", help="the person's cross-system id")
+    erase.add_argument("--reason", required=True, help="why (e.g. the DSAR ticket); kept with the request")
+    erase.add_argument("--by", help="who asked for it (default: the current user)")
+    erase.add_argument("--entity", "-e", help="only this entity (default: every entity)")
+    erase.add_argument("--json", action="store_true")
+
     sub.add_parser("schema", help="print the config's JSON schema (for editors)")
     return parser
 
@@ -82,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # an internal error: say so plainly; the traceback only on request
+        if os.environ.get("RECONCILE_DEBUG"):
+            raise
+        print(f"error: unexpected {type(e).__name__}: {e}\n(set RECONCILE_DEBUG=1 for the traceback; "
+              f"please report it)", file=sys.stderr)
+        return runner.EXIT_ERROR
 
 
 def _dispatch(args) -> int:
@@ -95,6 +122,10 @@ def _dispatch(args) -> int:
         return _status(args)
     if args.command == "gates":
         return _gates(args)
+    if args.command == "lineage":
+        return _lineage(args)
+    if args.command == "erase":
+        return _erase(args)
     if args.command == "schema":
         print(json.dumps(json_schema(), indent=2))
         return 0
@@ -151,7 +182,7 @@ def _connect_checks(cfg) -> list[str]:
             except ReconcileError as e:
                 problems.append(f"{path}: {e}")
                 continue
-            for col in source_columns(source):
+            for col in source_columns(source, cfg.systems[system].xid_column):
                 if col not in have:
                     problems.append(f"{path}: column {col!r} does not exist in "
                                     f"{'table ' + repr(source.table) if source.table else 'the query'}")
@@ -172,7 +203,9 @@ def _run(args) -> int:
         try:
             summaries[e] = runner.run_entity(cfg, e, run_id=run_id, run_at=run_at, full=args.full or None,
                                              progress=progress)
-        except ReconcileError as err:
+        except Exception as err:  # recorded as a failed run by the runner; reported here per entity
+            if os.environ.get("RECONCILE_DEBUG"):
+                raise
             print(f"error: entity {e}: {err}", file=sys.stderr)
             summaries[e] = {"run_id": run_id, "status": "failed", "entity": e, "error": str(err)}
             failed = True
@@ -275,6 +308,162 @@ def _gates(args) -> int:
         print(f"held: {n} identities are not written to {target} (see review.items)")
     for target, field, reason in blocks:
         print(f"blocked: writes into {target}{'' if field == '*' else ' of ' + field}: {reason}")
+    return 0
+
+
+def _usage(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return runner.EXIT_USAGE
+
+
+def _person_query(args, cfg) -> tuple[dict, list[str]] | int:
+    """The person named by --email / --xid / --record, and the entities to look in; or an exit code."""
+    if args.entity and args.entity not in cfg.entities:
+        return _usage(f"unknown entity {args.entity!r}; configured: {', '.join(sorted(cfg.entities))}")
+    entities = [args.entity] if args.entity else sorted(cfg.entities)
+    record = getattr(args, "record", None)
+    if record is not None:
+        system, sep, key = record.partition(":")
+        if not sep or not system or not key:
+            return _usage(f"--record takes SYSTEM:KEY (e.g. crm:c1), got {record!r}")
+        if system not in cfg.systems:
+            return _usage(f"--record names system {system!r}, which is not configured "
+                          f"(configured: {', '.join(sorted(cfg.systems))})")
+        return {"record": (system, key)}, entities
+    if args.email is not None:
+        if not args.email.strip():
+            return _usage("--email is empty")
+        return {"email": args.email}, entities
+    return {"xid": args.xid}, entities
+
+
+def _show(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _lineage(args) -> int:
+    from .stages import golden
+    from .warehouse import open_published
+
+    cfg = load_config(args.config)
+    parsed = _person_query(args, cfg)
+    if isinstance(parsed, int):
+        return parsed
+    query, entities = parsed
+    con = open_published(cfg)
+    try:
+        persons, unlinked = [], []
+        for entity in entities:
+            found = golden.find_xids(con, cfg, entity, **query)
+            unlinked += [{"entity": entity, "record": r} for r in found["unlinked"]]
+            persons += [golden.person_report(con, cfg, entity, x) for x in found["xids"]]
+    finally:
+        con.close()
+    asked = next(f"{k} {v if k != 'record' else ':'.join(v)!s}" for k, v in query.items())
+    if not persons:
+        hint = (f"; {len(unlinked)} record(s) carry it but are linked to no xid yet (has identity resolution run?)"
+                if unlinked else "")
+        print(f"error: no person found with {asked} in {cfg.warehouse_path}{hint}", file=sys.stderr)
+        return runner.EXIT_ERROR
+    if args.json:
+        print(json.dumps({"query": {k: (':'.join(v) if k == "record" else v) for k, v in query.items()},
+                          "persons": persons, "unlinked": unlinked}, indent=2, default=str))
+        return 0
+    for p in persons:
+        _print_person(p)
+    for u in unlinked:
+        print(f"unlinked record carrying this email (no xid yet): {u['entity']} {u['record']}")
+    return 0
+
+
+def _print_person(p: dict) -> None:
+    state = (p["identity"] or {}).get("status", "unknown")
+    print(f"{p['entity']} {p['xid']} ({state})")
+    if p["erasure"]:
+        e = p["erasure"]
+        print(f"  ERASURE requested {e['requested_at']} by {e['requested_by']}: {e['reason']} "
+              f"(request {e['request_id']}, {e['status']}); suppressed from golden records")
+    print(f"  records ({len(p['records'])}):")
+    for r in p["records"]:
+        where = f"modified {_show(r['source_modified_at'])}" if r["in_staging"] else "no longer in staging"
+        print(f"    {r['system']}:{r['record_key']:<20} linked by {r['rule']} ({r['confidence']:.2f}) "
+              f"in run {r['run_id']}; {where}")
+        if r["values"]:
+            print("      " + "  ".join(f"{k}={_show(v)}" for k, v in r["values"].items()))
+    print("  golden:" if p["in_golden"] else "  golden: no current row (history below)")
+    for field, g in p["golden"].items():
+        if p["in_golden"]:
+            src = f"{g['source_system']}:{g['source_record_key']}" if g["source_system"] else "no source holds a value"
+            print(f"    {field:<16} {_show(g['value']):<28} {src} ({g['rule']}), since {_show(g['since'])}")
+        for h in g["history"]:
+            if h["valid_to"] is None and p["in_golden"]:
+                continue
+            src = f"{h['source_system']}:{h['source_record_key']}" if h["source_system"] else "no source"
+            print(f"    {'' if p['in_golden'] else field:<16}   was {_show(h['value'])!r} from {src} ({h['rule']}) "
+                  f"{h['valid_from']} -> {_show(h['valid_to'])} [run {h['run_id']}]")
+    if p["consent"]:
+        print("  consent:")
+        for field, c in p["consent"].items():
+            src = f"{c['source_system']}:{c['source_record_key']}" if c["source_system"] else "no system holds a value"
+            print(f"    {field:<16} {_show(c['value'])}  from {src}, record modified {_show(c['source_modified_at'])}, "
+                  f"believed since {_show(c['since'])}")
+    for c in p["conflicts"]:
+        print(f"  conflict: {c['field']} from {c['system']}: {len(c['candidates'])} records disagree; "
+              f"chose {c['chosen_record_key']} ({c['chosen_value']!r}) as the most recently modified")
+    if p["changes"] is None:
+        print("  changes written: none recorded (audit.changes does not exist yet)")
+    else:
+        print(f"  changes written: {len(p['changes'])}")
+        for ch in p["changes"]:
+            print("    " + json.dumps(ch, default=str))
+
+
+def _erase(args) -> int:
+    import getpass
+    import secrets
+
+    from .stages import golden
+    from .warehouse import open_work, publish
+
+    cfg = load_config(args.config)
+    parsed = _person_query(args, cfg)
+    if isinstance(parsed, int):
+        return parsed
+    query, entities = parsed
+    if not args.reason.strip():
+        return _usage("--reason is empty; say why (e.g. the DSAR ticket)")
+    try:
+        by = args.by or getpass.getuser()
+    except (KeyError, OSError):
+        by = "unknown"
+    now = runner.utc_naive(datetime.now(timezone.utc))
+    matched_by = next(f"{k}:{v}" for k, v in query.items())
+    with open_work(cfg) as con:
+        matches = [(e, x) for e in entities for x in golden.find_xids(con, cfg, e, **query)["xids"]]
+        if not matches:
+            print(f"error: no person found with {matched_by.replace(':', ' ', 1)}", file=sys.stderr)
+            return runner.EXIT_ERROR
+        if len(matches) > 1:
+            return _usage(f"{matched_by} names {len(matches)} persons ("
+                          f"{', '.join(f'{e} {x}' for e, x in matches)}); erase each with --xid (and --entity)")
+        entity, xid = matches[0]
+        result = golden.erase(con, entity, xid, request_id=f"erase__{now:%Y%m%dT%H%M%SZ}_{secrets.token_hex(2)}",
+                              requested_at=now, requested_by=by, reason=args.reason, matched_by=matched_by)
+    if not result["already"]:
+        publish(cfg)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    elif result["already"]:
+        print(f"already erased: {entity} {xid} (request {result['request_id']}, {result['requested_at']} "
+              f"by {result['requested_by']}: {result['reason']})")
+    else:
+        print(f"erasure recorded: {entity} {xid} (request {result['request_id']}); suppressed from golden records, "
+              f"{len(result['records'])} record(s): {', '.join(result['records']) or 'none'}")
+        print("the records stay in the systems and in staging until erasure is planned per system")
     return 0
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from .config import Config, resolve_url
 from .errors import ReconcileError
 from .stages import extract as extract_stage
+from .stages import golden as golden_stage
+from .stages import identity as identity_stage
 from .stages import quality as quality_stage
 from .warehouse import open_work, publish, run_dir, safe_name
 
@@ -151,8 +153,46 @@ def apply_gates(cfg: Config, entity: str, run_id: str, progress: Progress = _qui
         gates = quality_stage.record_gates(con, cfg, entity, run_id, datetime.fromisoformat(manifest["run_at"]),
                                            validations, docs_index=index)
     progress(f"  gates: {gates['passed']} passed, {gates['warned']} warned, {gates['failed']} failed; "
-             f"held {gates['held'] or 'none'}; data docs {index}")
+             f"data docs {index}")
     return gates
+
+
+def resolve_identity(cfg: Config, entity: str, run_id: str, progress: Progress = _quiet) -> dict:
+    """Link every staged record to a persistent cross-system id (xid); uncertain cases go to review."""
+    manifest = _read_manifest(cfg, entity, run_id)
+    with open_work(cfg) as con:
+        result = identity_stage.resolve(con, cfg, entity, run_id, datetime.fromisoformat(manifest["run_at"]))
+    progress(f"  identity: {result['linked']} links ({', '.join(f'{k} {v}' for k, v in result['by_rule'].items()) or 'none'}), "
+             f"{result['new_xids']} new xids, {result['review']} open review items")
+    return result
+
+
+def guard_collisions(cfg: Config, entity: str, run_id: str, progress: Progress = _quiet) -> dict:
+    """Hold identities that would share a unique value in a target system (homogenization guard)."""
+    manifest = _read_manifest(cfg, entity, run_id)
+
+    def identities(cfg_: Config, entity_: str, owner: str) -> str:
+        return identity_stage.xid_identities_sql(cfg_, entity_, owner)
+
+    with open_work(cfg) as con:
+        result = quality_stage.guard_collisions(con, cfg, entity, run_id, datetime.fromisoformat(manifest["run_at"]),
+                                                identities)
+    progress(f"  collision guard: held {result['held'] or 'none'}")
+    return result
+
+
+def build_golden(cfg: Config, entity: str, run_id: str, progress: Progress = _quiet) -> dict:
+    """Golden records from staging + identity.xref: values under field ownership, lineage, disagreements.
+
+    Idempotent per run id (recorded in audit.stage_runs); with no identity links yet, golden is empty.
+    """
+    manifest = _read_manifest(cfg, entity, run_id)
+    with open_work(cfg) as con:
+        result = golden_stage.build(con, cfg, entity, run_id, datetime.fromisoformat(manifest["run_at"]))
+    disagreeing = {f: n for f, n in result["disagreements"].items() if n}
+    progress(f"  golden: {result['records']} records, {result['changed']} changed, {result['conflicts']} conflicts; "
+             f"disagreements {disagreeing or 'none'}")
+    return result
 
 
 def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", error: str | None = None,
@@ -171,6 +211,10 @@ def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", e
             "SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = 'gates'", [run_id, entity]
         ).fetchone()
         gates = json.loads(gates_row[0]) if gates_row else None
+        results_of = {stage: json.loads(res) for stage, res in con.execute(
+            "SELECT stage, result FROM audit.stage_runs WHERE run_id = ? AND entity = ?", [run_id, entity]).fetchall()}
+        if gates is not None:
+            gates["held"] = results_of.get("guard", {}).get("held", {})
         if not staged and status == "success":
             status, error = "failed", error or "extraction did not complete"
         elif gates is None and status == "success":
@@ -190,6 +234,13 @@ def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", e
         }
         if gates is not None:
             summary["gates"] = gates
+        golden_row = con.execute(
+            "SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = 'golden'", [run_id, entity]
+        ).fetchone()
+        if golden_row:
+            summary["golden"] = json.loads(golden_row[0])
+        if "identity" in results_of:
+            summary["identity"] = results_of["identity"]
         if error:
             summary["error"] = error
         con.execute(
@@ -235,6 +286,9 @@ def run_entity(cfg: Config, entity: str, run_id: str | None = None, run_at: date
         for s in systems:
             validate_system(cfg, entity, s, run_id, progress)
         apply_gates(cfg, entity, run_id, progress)
+        resolve_identity(cfg, entity, run_id, progress)
+        guard_collisions(cfg, entity, run_id, progress)
+        build_golden(cfg, entity, run_id, progress)
     except BaseException as e:
         finish_run(cfg, entity, run_id, status="failed", error=str(e), progress=progress)
         raise

@@ -141,15 +141,18 @@ def test_two_eligible_crm_contacts_with_one_email_are_held_for_marketing_only(pr
     assert s["gates"]["held"] == {"marketing": 2}
     assert s["gates"]["failed"] == 0 and s["gates"]["blocked"] == []
     con = duckdb.connect(str(cfg.warehouse_path), read_only=True)
-    holds = con.execute("SELECT target, identity FROM audit.holds WHERE run_id = 'r1' ORDER BY 2").fetchall()
-    items = con.execute("SELECT kind, system, status, details FROM review.items").fetchall()
+    holds = con.execute("""SELECT h.target, x.system || ':' || x.record_key FROM audit.holds h
+                           JOIN identity.xref x ON x.xid = h.identity WHERE h.run_id = 'r1' ORDER BY 2""").fetchall()
+    xid_of = dict(con.execute("SELECT record_key, xid FROM identity.xref WHERE system = 'crm'").fetchall())
+    items = con.execute("SELECT kind, system, status, details FROM review.items WHERE kind = 'collision'").fetchall()
     con.close()
     assert holds == [("marketing", "crm:c7"), ("marketing", "crm:c8")]
     (kind, system, status, details), = items
     details = json.loads(details)
     assert (kind, system, status, details["field"], details["value"]) == (
         "collision", "marketing", "open", "email", "info@shared.example")
-    assert [(side["identity"], side["first_name"]) for side in details["sides"]] == [("crm:c7", "Maria"), ("crm:c8", "Tom")]
+    assert sorted((side["identity"], side["first_name"]) for side in details["sides"]) == sorted(
+        [(xid_of["c7"], "Maria"), (xid_of["c8"], "Tom")])
     # the next run keeps the same review item (no duplicates); fixing the data resolves it
     s2 = runner.run_entity(cfg, "contact", run_id="r2", run_at=datetime(2026, 3, 2, 2))
     assert s2["gates"]["held"] == {"marketing": 2}
@@ -157,7 +160,8 @@ def test_two_eligible_crm_contacts_with_one_email_are_held_for_marketing_only(pr
     s3 = runner.run_entity(cfg, "contact", run_id="r3", run_at=datetime(2026, 3, 3, 2))
     assert s3["status"] == "success" and s3["gates"]["held"] == {}
     con = duckdb.connect(str(cfg.warehouse_path), read_only=True)
-    assert con.execute("SELECT count(*), min(status), min(last_seen_run) FROM review.items").fetchone() == (1, "resolved", "r2")
+    assert con.execute("SELECT count(*), min(status), min(last_seen_run) FROM review.items "
+                       "WHERE kind = 'collision'").fetchone() == (1, "resolved", "r2")
     con.close()
 
 

@@ -88,6 +88,8 @@ class SourceConfig(_Strict):
     modified_at: str | None = None
     fields: dict[str, FieldMapping]
     batch_size: int | None = Field(default=None, ge=1)
+    # Columns holding another system's record key (e.g. a marketing property with the CRM GUID): a stored ID.
+    external_ids: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("fields", mode="before")
     @classmethod
@@ -98,8 +100,15 @@ class SourceConfig(_Strict):
 
 
 
+STRATEGIES = ("owner", "most_recent", "first_non_null", "most_restrictive")
+
+
 class CanonicalField(_Strict):
-    """A canonical field of an entity and who may write it."""
+    """A canonical field of an entity, who may write it, and how its golden value is chosen (docs/golden.md).
+
+    The owner stays the only writable system whatever the strategy; the strategy only decides which linked
+    record's value the golden record believes.
+    """
 
     owner: str | None = None
     fallback: list[str] = Field(default_factory=list)
@@ -107,6 +116,28 @@ class CanonicalField(_Strict):
     type: Literal["string", "boolean", "integer", "number", "date", "timestamp"] = "string"
     required: bool = False
     description: str | None = None
+    strategy: Literal["owner", "most_recent", "first_non_null", "most_restrictive"] = "owner"
+    # Systems considered, in order (first_non_null: first wins; most_recent / most_restrictive: breaks ties).
+    priority: list[str] = Field(default_factory=list)
+    # most_restrictive: values ranked most restrictive first; any value not listed ranks after all of them.
+    restrictive_values: list[Any] = Field(default_factory=list)
+
+    def candidate_systems(self, mapped_by: list[str]) -> list[str]:
+        """Systems whose linked records may supply the golden value, in tie-break order.
+
+        owner: the owner, then `fallback`. first_non_null: `priority` (default owner, fallback).
+        most_recent / most_restrictive: `priority`, default owner, fallback, then every other system that maps
+        the field (`mapped_by`), by name.
+        """
+        if self.strategy == "owner":
+            order = [self.owner, *self.fallback]
+        elif self.priority:
+            order = list(self.priority)
+        else:
+            order = [self.owner, *self.fallback]
+            if self.strategy in ("most_recent", "most_restrictive"):
+                order += sorted(mapped_by)
+        return [s for s in dict.fromkeys(order) if s]
 
 
 Severity = Literal["error", "warn"]
@@ -173,11 +204,36 @@ class GateSettings(GateOverrides):
         return GateOverrides.model_validate(base)
 
 
+class MatchRule(_Strict):
+    """One identity-matching rule, tried in list order after stored IDs.
+
+    exact: normalised values of every field equal; links only one-to-one matches.
+    probabilistic: pairs sharing a `block_on` value are scored (Jaro-Winkler per field, `exact` fields by
+    equality); scored pairs go to review; an automatic link only at or above an explicit `link_threshold`.
+    """
+
+    name: str
+    type: Literal["exact", "probabilistic"] = "exact"
+    fields: list[str]
+    exact: list[str] = Field(default_factory=list)
+    block_on: list[str] = Field(default_factory=list)
+    review_threshold: float = Field(default=0.85, ge=0, le=1)
+    link_threshold: float | None = Field(default=None, ge=0, le=1)
+
+
+class IdentitySettings(_Strict):
+    """How records that match no one are handled."""
+
+    orphans: Literal["review", "create"] = "review"  # records of systems that may not create identities
+
+
 class EntityConfig(_Strict):
     sources: dict[str, SourceConfig]
     fields: dict[str, CanonicalField]
     eligibility: dict[str, str] = Field(default_factory=dict)
     gates: GateSettings = Field(default_factory=GateSettings)
+    match: list[MatchRule] = Field(default_factory=list)
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
 
 
 class SystemConfig(_Strict):

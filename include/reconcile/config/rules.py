@@ -143,8 +143,10 @@ def _check_entity(cfg: Config, ename: str) -> list[Issue]:
                 issues += _check_system_ref(entity, ename, fname, target, fpath + ("send_to", i), systems, sources)
         if len(set(field.send_to)) != len(field.send_to):
             issues.append((fpath + ("send_to",), "lists a system twice"))
+        issues += _check_strategy(entity, ename, fname, fpath, systems, sources)
 
     issues += _check_gates(entity, base + ("gates",), systems, sources)
+    issues += _check_match(entity, ename, base)
     field_types = {f: spec.type for f, spec in entity.fields.items()}
     for target, text in entity.eligibility.items():
         epath = base + ("eligibility", target)
@@ -186,4 +188,74 @@ def _check_gates(entity, path: tuple, systems: set, sources: set) -> list[Issue]
             for i, f in enumerate(fields):
                 if f not in entity.fields:
                     issues.append((p + ("duplicate_keys", name, i), f"{f!r} is not a canonical field"))
+    return issues
+
+
+def _check_match(entity, ename: str, base: tuple) -> list[Issue]:
+    issues: list[Issue] = []
+    names = [r.name for r in entity.match]
+    for i, rule in enumerate(entity.match):
+        rpath = base + ("match", i)
+        if not NAME_RE.match(rule.name):
+            issues.append((rpath + ("name",), "rule names are lowercase identifiers"))
+        if names.count(rule.name) > 1:
+            issues.append((rpath + ("name",), f"rule name {rule.name!r} is used twice"))
+        if not rule.fields:
+            issues.append((rpath + ("fields",), "a rule needs at least one field"))
+        for key in ("fields", "exact", "block_on"):
+            for j, f in enumerate(getattr(rule, key)):
+                if f not in entity.fields:
+                    issues.append((rpath + (key, j), f"{f!r} is not a canonical field of entity {ename!r}"))
+        if rule.type == "probabilistic" and not rule.block_on:
+            issues.append((rpath + ("block_on",), "a probabilistic rule needs block_on fields (so cost grows linearly)"))
+        if rule.type == "exact" and (rule.block_on or rule.link_threshold is not None):
+            issues.append((rpath, "block_on and link_threshold apply to probabilistic rules only"))
+        if rule.link_threshold is not None and rule.link_threshold < rule.review_threshold:
+            issues.append((rpath + ("link_threshold",), "must be at least review_threshold"))
+    for sname, source in entity.sources.items():
+        for target, column in source.external_ids.items():
+            if target not in entity.sources or target == sname:
+                issues.append((base + ("sources", sname, "external_ids", target),
+                               f"{target!r} must be another system with a source for entity {ename!r}"))
+    return issues
+
+
+_VALUE_TYPES = {"string": (str,), "boolean": (bool,), "integer": (int,), "number": (int, float)}
+
+
+def _check_strategy(entity, ename: str, fname: str, fpath: tuple, systems: set, sources: set) -> list[Issue]:
+    """How the golden value is chosen: priority and restrictive_values only where they mean something."""
+    field = entity.fields[fname]
+    issues: list[Issue] = []
+    if field.priority and field.strategy == "owner":
+        issues.append((fpath + ("priority",), "applies to strategies first_non_null, most_recent and most_restrictive; "
+                                              "strategy owner uses 'fallback' after the owner"))
+    if field.priority and field.fallback:
+        issues.append((fpath + ("priority",), "set either 'fallback' or 'priority', not both: priority replaces the "
+                                              "owner-then-fallback order"))
+    for i, system in enumerate(field.priority):
+        issues += _check_system_ref(entity, ename, fname, system, fpath + ("priority", i), systems, sources)
+    if len(set(field.priority)) != len(field.priority):
+        issues.append((fpath + ("priority",), "lists a system twice"))
+    if field.strategy == "most_restrictive":
+        if not field.restrictive_values:
+            issues.append((fpath + ("restrictive_values",),
+                           "strategy most_restrictive needs restrictive_values, most restrictive first "
+                           "(e.g. [true] for an opt-out flag)"))
+        for i, value in enumerate(field.restrictive_values):
+            ok = _VALUE_TYPES.get(field.type)
+            wrong = value is None or (ok is not None and (not isinstance(value, ok) or
+                                                          (field.type != "boolean" and isinstance(value, bool))))
+            if wrong:
+                issues.append((fpath + ("restrictive_values", i), f"{value!r} is not a {field.type} value"))
+    elif field.restrictive_values:
+        issues.append((fpath + ("restrictive_values",), "applies to strategy most_restrictive only"))
+    if field.strategy == "most_recent" and field.owner:
+        mapped_by = [s for s, src in entity.sources.items() if fname in src.fields]
+        for system in field.candidate_systems(mapped_by):
+            if system in entity.sources and entity.sources[system].modified_at is None:
+                issues.append((fpath + ("strategy",),
+                               f"most_recent compares modified times, but source {system!r} has no modified_at "
+                               f"(set entities.{ename}.sources.{system}.modified_at, or leave {system!r} out "
+                               f"of 'priority')"))
     return issues

@@ -173,6 +173,7 @@ entities:
         table: contacts
         key: vid
         modified_at: lastmodifieddate
+        external_ids: {crm: crm_contact_guid}   # a HubSpot property holding the CRM GUID: a stored ID
         fields:
           email: {column: email, transform: email}
           first_name: {column: firstname, transform: trim}
@@ -208,6 +209,15 @@ entities:
     eligibility:
       marketing: "email is not null and active"
       erp: "lifecycle = 'customer'"
+    match:                                   # identity rules, tried in order after stored IDs
+      - name: email
+        fields: [email]                      # exact, one-to-one only
+      - name: name_company_phone
+        type: probabilistic                  # scored candidates go to review; no automatic link
+        fields: [first_name, last_name, company, phone]
+        exact: [phone]
+        block_on: [phone, last_name, company]
+        review_threshold: 0.85
 """
 
 

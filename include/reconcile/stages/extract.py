@@ -32,10 +32,11 @@ def staging_table(system: str, entity: str) -> str:
     return f"staging.{system}__{entity}"
 
 
-def source_columns(source: SourceConfig) -> list[str]:
-    """Source columns read: key, modified_at, then every mapped column (each once, in config order)."""
+def source_columns(source: SourceConfig, xid_column: str | None = None) -> list[str]:
+    """Source columns read: key, modified_at, every mapped column, stored IDs (each once, in config order)."""
     cols = [source.key] + ([source.modified_at] if source.modified_at else [])
     cols += [m.column for m in source.fields.values()]
+    cols += list(source.external_ids.values()) + ([xid_column] if xid_column else [])
     return list(dict.fromkeys(cols))
 
 
@@ -47,6 +48,7 @@ def source_hash(cfg: Config, entity: str, system: str) -> str:
         "source": src.model_dump(mode="json"),
         "types": {f: ent.fields[f].type for f in src.fields if f in ent.fields},
         "region": cfg.systems[system].phone_region or cfg.defaults.phone_region,
+        "xid_column": cfg.systems[system].xid_column,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -83,7 +85,7 @@ def plan_extract(con, cfg: Config, entity: str, run_at: datetime, full: bool | N
             "mode": mode,
             "reason": reason,
             "since": since.isoformat() if since else None,
-            "columns": source_columns(source),
+            "columns": source_columns(source, cfg.systems[system].xid_column),
             "source_hash": shash,
             "batch_size": source.batch_size or cfg.extract.batch_size,
         }
@@ -208,10 +210,19 @@ def _stage_source(con, cfg: Config, entity: str, system: str, source: SourceConf
                      f"'duplicate primary key ' || {key} || ' (' || count(*) OVER (PARTITION BY {key}) || ' rows, column "
                      f"{source.key})' END")
     raw = [f"{q(c)} AS {q('_raw_' + c)}" for c in columns]
+    # Stored IDs: our cross-system id as the system holds it, and other systems' keys it holds.
+    ids = []
+    xid_col = cfg.systems[system].xid_column
+    if xid_col:
+        ids.append(f"NULLIF(trim(CAST({q(xid_col)} AS VARCHAR)), '') AS _xid")
+    for other, col in sorted(source.external_ids.items()):
+        ids.append(f"NULLIF(trim(CAST({q(col)} AS VARCHAR)), '') AS {q('_ext_' + other)}")
+    raw = ids + raw
     raw_struct = "to_json(struct_pack(" + ", ".join(f"{q(c)} := {q(c)}" for c in columns) + "))"
     fields = list(source.fields)
+    hashed = fields + (["_xid"] if xid_col else []) + ["_ext_" + o for o in sorted(source.external_ids)]
     row_hash = "md5(concat_ws(chr(31), " + ", ".join(
-        f"coalesce(CAST({q(f)} AS VARCHAR), chr(0))" for f in fields) + "))"
+        f"coalesce(CAST({q(f)} AS VARCHAR), chr(0))" for f in hashed) + "))"
 
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE _cand AS
@@ -288,7 +299,8 @@ def _stage_source(con, cfg: Config, entity: str, system: str, source: SourceConf
         WHERE _record_key NOT IN (SELECT _record_key FROM _good)
           AND _record_key NOT IN (SELECT _record_key FROM _deleted)
     """)
-    keep = ", ".join(["_record_key"] + [q(f) for f in fields] +
+    id_cols = [q(c) for c in hashed[len(fields):]]
+    keep = ", ".join(["_record_key"] + [q(f) for f in fields] + id_cols +
                      ["_run_id", "_extracted_at", "_source_modified_at", "_row_hash"] +
                      [q("_raw_" + c) for c in columns])
     con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT {keep} FROM _next ORDER BY _record_key")

@@ -329,7 +329,7 @@ def _upsert_item(con, item_id, entity, kind, system, title, details, run_id, run
 
 
 def record_gates(con, cfg: Config, entity: str, run_id: str, run_at: datetime, validations: dict[str, dict],
-                 docs_index: str | None = None, identities_sql=default_identities_sql) -> dict:
+                 docs_index: str | None = None) -> dict:
     """Store every outcome, compute holds and write blocks, update sync health. Idempotent per run id."""
     done = con.execute("SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = ?",
                        [run_id, entity, STAGE]).fetchone()
@@ -338,7 +338,7 @@ def record_gates(con, cfg: Config, entity: str, run_id: str, run_at: datetime, v
     ent = cfg.entities[entity]
     con.execute("BEGIN TRANSACTION")
     try:
-        for t in ("audit.quality_results", "audit.holds", "audit.write_blocks", "audit.sync_health"):
+        for t in ("audit.quality_results", "audit.write_blocks", "audit.sync_health"):
             con.execute(f"DELETE FROM {t} WHERE run_id = ? AND entity = ?", [run_id, entity])
         passed = warned = failed = 0
         failures = []
@@ -375,8 +375,6 @@ def record_gates(con, cfg: Config, entity: str, run_id: str, run_at: datetime, v
                         con.execute("INSERT INTO audit.write_blocks VALUES (?, ?, ?, ?, ?, ?)",
                                     [run_id, entity, target, fname, system, reason])
 
-        held = find_collisions(con, cfg, entity, run_id, run_at, identities_sql)
-
         for system, v in sorted(validations.items()):
             m = v["metrics"]
             res = {r["expectation"]: r for r in v["results"]}
@@ -395,11 +393,11 @@ def record_gates(con, cfg: Config, entity: str, run_id: str, run_at: datetime, v
                  sum(r["success"] for r in v["results"]),
                  sum((not r["success"]) and r["severity"] == "warn" for r in v["results"]),
                  sum((not r["success"]) and r["severity"] == "error" for r in v["results"]),
-                 held.get(system, 0)],
+                 0],
             )
         blocked_targets = sorted({r[0] for r in con.execute(
             "SELECT target FROM audit.write_blocks WHERE run_id = ? AND entity = ?", [run_id, entity]).fetchall()})
-        summary = {"passed": passed, "warned": warned, "failed": failed, "held": held,
+        summary = {"passed": passed, "warned": warned, "failed": failed,
                    "blocked": blocked_targets, "failures": failures, "data_docs": docs_index}
         con.execute("INSERT INTO audit.stage_runs VALUES (?, ?, ?, ?, ?)",
                     [run_id, entity, STAGE, run_at, json.dumps(summary, default=str)])
@@ -422,3 +420,30 @@ def write_docs_index(docs_root: Path, run_id: str, validations: dict[str, dict])
             f"<h1>Quality gates, run {run_id}</h1><ul>{''.join(items)}</ul>")
     (docs_root / "index.html").write_text(page, encoding="utf-8")
     return str(docs_root / "index.html")
+
+
+GUARD_STAGE = "guard"
+
+
+def guard_collisions(con, cfg: Config, entity: str, run_id: str, run_at: datetime,
+                     identities_sql=default_identities_sql) -> dict:
+    """The collision guard as its own step (after identity resolution, on xids). Idempotent per run id."""
+    done = con.execute("SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = ?",
+                       [run_id, entity, GUARD_STAGE]).fetchone()
+    if done:
+        return json.loads(done[0])
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("DELETE FROM audit.holds WHERE run_id = ? AND entity = ?", [run_id, entity])
+        held = find_collisions(con, cfg, entity, run_id, run_at, identities_sql)
+        for system, n in held.items():
+            con.execute("UPDATE audit.sync_health SET held = ? WHERE run_id = ? AND entity = ? AND system = ?",
+                        [n, run_id, entity, system])
+        result = {"held": held}
+        con.execute("INSERT INTO audit.stage_runs VALUES (?, ?, ?, ?, ?)",
+                    [run_id, entity, GUARD_STAGE, run_at, json.dumps(result)])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return result

@@ -128,6 +128,89 @@ TABLES = [
         created_at TIMESTAMP NOT NULL,
         updated_at TIMESTAMP NOT NULL
     )""",
+    """CREATE TABLE IF NOT EXISTS review.decisions (
+        decision_id VARCHAR PRIMARY KEY,
+        item_id VARCHAR,                  -- the review item decided (NULL for a decision made without one)
+        entity VARCHAR NOT NULL,
+        action VARCHAR NOT NULL,          -- link | split | merge | distinct | ignore
+        system VARCHAR,                   -- the record concerned (link, split, distinct)
+        record_key VARCHAR,
+        xid VARCHAR,                      -- link: target; merge: the xid merged away; distinct: the other side
+        other_xid VARCHAR,                -- merge: the surviving xid
+        decided_by VARCHAR NOT NULL,
+        decided_at TIMESTAMP NOT NULL,
+        reason VARCHAR NOT NULL,
+        applied_run_id VARCHAR,           -- the run that applied it (decisions apply on the next run)
+        applied_at TIMESTAMP
+    )""",
+    """CREATE TABLE IF NOT EXISTS identity.xids (
+        xid VARCHAR PRIMARY KEY,          -- minted once (UUIDv7), never reused
+        entity VARCHAR NOT NULL,
+        status VARCHAR NOT NULL,          -- active | merged | retired (no record left in any system)
+        merged_into VARCHAR,              -- for status merged: the surviving xid
+        minted_run_id VARCHAR NOT NULL,
+        minted_at TIMESTAMP NOT NULL,
+        minted_from VARCHAR               -- system:record_key that caused the mint (or 'decision:split')
+    )""",
+    """CREATE TABLE IF NOT EXISTS identity.xref (
+        xid VARCHAR NOT NULL,
+        entity VARCHAR NOT NULL,
+        system VARCHAR NOT NULL,
+        record_key VARCHAR NOT NULL,
+        rule VARCHAR NOT NULL,            -- what made the link: minted, stored_xid, external_id:<sys>, match:<rule>,
+                                          --   decision:<action>
+        confidence DOUBLE NOT NULL,       -- 1.0 for deterministic links; the score for probabilistic ones
+        run_id VARCHAR NOT NULL,
+        linked_at TIMESTAMP NOT NULL,
+        PRIMARY KEY (entity, system, record_key)
+    )""",
+    """CREATE TABLE IF NOT EXISTS identity.xref_history (
+        entity VARCHAR NOT NULL,
+        xid VARCHAR NOT NULL,
+        system VARCHAR NOT NULL,
+        record_key VARCHAR NOT NULL,
+        action VARCHAR NOT NULL,          -- link | unlink | merge | split | retire
+        rule VARCHAR NOT NULL,
+        confidence DOUBLE,
+        previous_xid VARCHAR,             -- for unlink/merge/split: where the record was before
+        run_id VARCHAR NOT NULL,
+        changed_at TIMESTAMP NOT NULL,
+        note VARCHAR
+    )""",
+]
+
+# Golden records (stages/golden.py; docs/golden.md). The per-entity tables golden.<entity>,
+# golden.<entity>_lineage and golden.<entity>_conflicts are created by the stage, like staging tables.
+TABLES += [
+    """CREATE TABLE IF NOT EXISTS audit.disagreements (
+        run_id VARCHAR NOT NULL,
+        entity VARCHAR NOT NULL,
+        field VARCHAR NOT NULL,
+        system VARCHAR NOT NULL,
+        records BIGINT NOT NULL,          -- linked records of golden xids in this system
+        disagreeing BIGINT NOT NULL,      -- holding a (staged, normalised) value different from the golden one
+        missing BIGINT NOT NULL,          -- holding no value where the golden record has one
+        PRIMARY KEY (run_id, entity, field, system)
+    )""",
+    """CREATE TABLE IF NOT EXISTS identity.erasures (
+        entity VARCHAR NOT NULL,
+        xid VARCHAR NOT NULL,             -- suppressed from now on: no golden row, never re-created
+        request_id VARCHAR NOT NULL,
+        requested_at TIMESTAMP NOT NULL,
+        requested_by VARCHAR NOT NULL,
+        reason VARCHAR NOT NULL,
+        matched_by VARCHAR NOT NULL,      -- how the person was named: email:<e> | xid:<x>
+        status VARCHAR NOT NULL,          -- requested (issue 6 plans the erasure in each system)
+        PRIMARY KEY (entity, xid)
+    )""",
+    """CREATE TABLE IF NOT EXISTS identity.erased_records (
+        entity VARCHAR NOT NULL,
+        system VARCHAR NOT NULL,
+        record_key VARCHAR NOT NULL,      -- a record linked to an erased xid when the request was made
+        xid VARCHAR NOT NULL,
+        request_id VARCHAR NOT NULL,
+        PRIMARY KEY (entity, system, record_key)
+    )""",
 ]
 
 
