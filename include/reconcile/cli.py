@@ -86,6 +86,31 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--entity", "-e", help="only this entity (default: every entity)")
     erase.add_argument("--json", action="store_true")
 
+    review = sub.add_parser("review", help="the review queue: list, show and decide items")
+    review_sub = review.add_subparsers(dest="review_command", required=True, metavar="SUBCOMMAND")
+    rl = review_sub.add_parser("list", help="list review items (default: open ones)")
+    _config_arg(rl)
+    rl.add_argument("--kind", help="collision | candidate | orphan | duplicate | conflict")
+    rl.add_argument("--status", default="open", help="open (default) | decided | ignored | resolved | all")
+    rl.add_argument("--entity", "-e")
+    rl.add_argument("--limit", type=int, default=50)
+    rl.add_argument("--json", action="store_true")
+    rs = review_sub.add_parser("show", help="show one item with every side and its decisions")
+    _config_arg(rs)
+    rs.add_argument("item_id", metavar="ITEM")
+    rs.add_argument("--json", action="store_true")
+    rd = review_sub.add_parser("decide", help="decide an item; applied on the next run, wins over every rule")
+    _config_arg(rd)
+    rd.add_argument("item_id", metavar="ITEM", nargs="?", help="the item (optional for split/merge by id)")
+    rd.add_argument("--action", required=True, choices=["link", "split", "merge", "distinct", "ignore"])
+    rd.add_argument("--xid", help="link: the target xid; merge: the xid merged away; distinct: the other side")
+    rd.add_argument("--into", help="merge: the surviving xid")
+    rd.add_argument("--record", help="SYSTEM:KEY of the record concerned (default: the item's record)")
+    rd.add_argument("--entity", "-e")
+    rd.add_argument("--by", required=True, help="who decides (kept with the decision)")
+    rd.add_argument("--reason", required=True, help="why (kept with the decision)")
+    rd.add_argument("--json", action="store_true")
+
     sub.add_parser("schema", help="print the config's JSON schema (for editors)")
     return parser
 
@@ -122,6 +147,8 @@ def _dispatch(args) -> int:
         return _status(args)
     if args.command == "gates":
         return _gates(args)
+    if args.command == "review":
+        return _review(args)
     if args.command == "lineage":
         return _lineage(args)
     if args.command == "erase":
@@ -260,6 +287,46 @@ def _status(args) -> int:
         counts = ", ".join(f"{k} {v}/{s.get('quarantined', {}).get(k, 0)}" for k, v in sorted(s.get("extracted", {}).items()))
         fin = r["finished_at"].strftime("%Y-%m-%d %H:%M:%S") if r["finished_at"] else "-"
         print(f"{r['run_id']:<36} {r['entity']:<10} {r['status']:<8} {fin:<20} {counts}")
+    return 0
+
+
+def _review(args) -> int:
+    from . import review
+
+    cfg = load_config(args.config)
+    if args.review_command == "list":
+        items = review.list_items(cfg, kind=args.kind, status=None if args.status == "all" else args.status,
+                                  entity=args.entity, limit=args.limit)
+        if args.json:
+            print(json.dumps(items, indent=2, default=str))
+        elif not items:
+            print("no review items match")
+        else:
+            for i in items:
+                print(f"{i['item_id']:<22} {i['kind']:<10} {i['status']:<8} {i['title']}")
+        return 0
+    if args.review_command == "show":
+        item = review.show_item(cfg, args.item_id)
+        if args.json:
+            print(json.dumps(item, indent=2, default=str))
+        else:
+            print(f"{item['item_id']} [{item['kind']}, {item['status']}] {item['title']}")
+            print(f"  seen in runs {item['first_seen_run']} .. {item['last_seen_run']}")
+            print("  " + json.dumps(item["details"], indent=2, default=str).replace("\n", "\n  "))
+            for d in item["decisions"]:
+                print(f"  decision {d['decision_id']}: {d['action']} by {d['decided_by']} at {d['decided_at']} "
+                      f"({d['reason']}); applied in run {d['applied_run_id'] or '(next run)'}")
+        return 0
+    rows = review.decide(cfg, args.action, args.by, args.reason, item_id=args.item_id, entity=args.entity,
+                         xid=args.xid, into=args.into, record=args.record)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        for r in rows:
+            print(f"recorded {r['decision_id']}: {r['action']}"
+                  f"{' ' + r['system'] + ':' + r['record_key'] if r.get('record_key') else ''}"
+                  f"{' xid ' + r['xid'] if r.get('xid') else ''}{' into ' + r['other_xid'] if r.get('other_xid') else ''}"
+                  f"; applied on the next run")
     return 0
 
 

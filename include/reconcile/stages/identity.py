@@ -16,7 +16,6 @@ Everything is set-based SQL over temp tables; Python only loops over rules, syst
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime
 
@@ -75,7 +74,7 @@ class _Run:
 
     def __init__(self, con, cfg: Config, entity: str, run_id: str, run_at: datetime):
         self.con, self.cfg, self.entity, self.run_id, self.run_at = con, cfg, entity, run_id, run_at
-        self.seen_items: list[str] = []
+        con.execute("CREATE OR REPLACE TEMP TABLE _seen_items (item_id VARCHAR)")
         self.stats = {"split": 0, "merged": 0, "decisions": 0}
 
     # -- links ------------------------------------------------------------------------------------------
@@ -135,20 +134,31 @@ class _Run:
         return self.link_from("SELECT system, record_key, xid, rule, confidence FROM _cand_ok")
 
     # -- review items -----------------------------------------------------------------------------------
-    def item(self, kind: str, system: str | None, title: str, details: dict, *key_parts: str) -> str:
-        item_id = kind[:3] + "_" + hashlib.sha256("|".join([kind, self.entity, *key_parts]).encode()).hexdigest()[:16]
-        self.con.execute(
-            """INSERT INTO review.items VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?)
+    def items_from(self, kind: str, sql: str) -> int:
+        """Upsert review items from a query yielding (system, item_key, title, details JSON), in one statement.
+
+        The item id is derived from kind, entity and item_key, so the same situation keeps its item across
+        runs; a decided or ignored item is never reopened.
+        """
+        con = self.con
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE _items AS
+            SELECT DISTINCT ON (item_id) * FROM (
+                SELECT {sql_literal(kind[:3] + '_')} || substr(sha256({sql_literal(kind + '|' + self.entity + '|')}
+                       || item_key), 1, 16) AS item_id, system, title, CAST(details AS JSON) AS details
+                FROM ({sql}))
+        """)
+        con.execute(
+            """INSERT INTO review.items
+               SELECT item_id, ?, ?, system, 'open', title, details, ?, ?, ?, ? FROM _items
                ON CONFLICT (item_id) DO UPDATE SET
                    status = CASE WHEN review.items.status IN ('decided', 'ignored') THEN review.items.status
                                  ELSE 'open' END,
                    title = excluded.title, details = excluded.details,
                    last_seen_run = excluded.last_seen_run, updated_at = excluded.updated_at""",
-            [item_id, self.entity, kind, system, title, json.dumps(details, default=str), self.run_id, self.run_id,
-             self.run_at, self.run_at],
-        )
-        self.seen_items.append(item_id)
-        return item_id
+            [self.entity, kind, self.run_id, self.run_id, self.run_at, self.run_at])
+        con.execute("INSERT INTO _seen_items SELECT item_id FROM _items")
+        return con.execute("SELECT count(*) FROM _items").fetchone()[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,8 +193,8 @@ def resolve(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dic
         con.execute(
             """UPDATE review.items SET status = 'resolved', updated_at = ?
                WHERE entity = ? AND kind IN ('candidate', 'orphan', 'duplicate', 'conflict') AND status = 'open'
-                 AND item_id NOT IN (SELECT unnest(?::VARCHAR[]))""",
-            [run_at, entity, r.seen_items],
+                 AND item_id NOT IN (SELECT item_id FROM _seen_items)""",
+            [run_at, entity],
         )
         summary = _summary(r)
         con.execute("INSERT INTO audit.stage_runs VALUES (?, ?, ?, ?, ?)", [run_id, entity, STAGE, run_at, json.dumps(summary)])
@@ -218,15 +228,13 @@ def _stored_ids(r: _Run) -> None:
                          WHERE {r.unlinked('rec')}""")
     r.apply_candidates(" UNION ALL ".join(parts))
     # A stored id that cannot be honoured (its xid already has a record of that system) is a conflict to review.
-    rows = r.con.execute(f"""
-        SELECT c.system, c.record_key, c.xid, c.rule FROM _cand c WHERE {r.unlinked('c')} ORDER BY 1, 2, 3
-    """).fetchall()
-    for system, key, xid, rule in rows:
-        r.item("conflict", system, f"{system} record {key} carries a stored id ({rule}) that cannot be linked "
-                                   f"one-to-one to xid {xid}",
-               {"system": system, "record_key": key, "xid": xid, "rule": rule,
-                "why": "the xid already has a record of this system, or several records claim it"},
-               system, key, rule)
+    r.items_from("conflict", f"""
+        SELECT c.system, c.system || '|' || c.record_key || '|' || c.rule AS item_key,
+               c.system || ' record ' || c.record_key || ' carries a stored id (' || c.rule ||
+               ') that cannot be linked one-to-one to xid ' || c.xid AS title,
+               to_json(struct_pack(system := c.system, record_key := c.record_key, xid := c.xid, rule := c.rule,
+                   why := 'the xid already has a record of this system, or several records claim it')) AS details
+        FROM _cand c WHERE {r.unlinked('c')}""")
 
 
 def _exact_rule(r: _Run, rule, final: bool) -> None:
@@ -255,33 +263,21 @@ def _exact_rule(r: _Run, rule, final: bool) -> None:
     if not final:
         return
     # Ambiguous: an unlinked record whose key is shared by several records of one system, or by several xids.
-    rows = r.con.execute(f"""
-        SELECT kd.system, kd.record_key, kd.k,
-               to_json(list(DISTINCT struct_pack(system := o.system, record_key := o.record_key, xid := o.xid))
-                       FILTER (WHERE o.record_key IS NOT NULL))
+    r.items_from("candidate", f"""
+        SELECT kd.system, kd.system || '|' || kd.record_key AS item_key,
+               kd.system || ' record ' || kd.record_key || ' matches several records on {rule.name} (' ||
+               replace(kd.k, chr(31), ' + ') || '): not linked automatically' AS title,
+               to_json(struct_pack(system := kd.system, record_key := kd.record_key, rule := {sql_literal(rule.name)},
+                   key := string_split(kd.k, chr(31)),
+                   candidates := list(struct_pack(system := o.system, record_key := o.record_key, xid := o.xid)
+                                      ORDER BY o.system, o.record_key),
+                   why := 'one-to-one match required for automatic links')) AS details
         FROM _keyed kd JOIN _kgroups g USING (k)
-        LEFT JOIN _keyed o ON o.k = kd.k AND NOT (o.system = kd.system AND o.record_key = kd.record_key)
+        JOIN _keyed o ON o.k = kd.k AND NOT (o.system = kd.system AND o.record_key = kd.record_key)
         WHERE {r.unlinked('kd')} AND g.systems > 1 AND (g.max_per_system > 1 OR g.xids > 1)
-        GROUP BY ALL ORDER BY 1, 2
-    """).fetchall()
-    for system, key_, k, others in rows:
-        others = [o for o in json.loads(others or "[]")
-                  if not _is_distinct(r, system, key_, o.get("xid"))]
-        if not others:
-            continue
-        r.item("candidate", system,
-               f"{system} record {key_} matches several records on {rule.name} ({k.replace(chr(31), ' + ')}): "
-               f"not linked automatically",
-               {"system": system, "record_key": key_, "rule": rule.name, "key": k.split(chr(31)),
-                "candidates": others, "why": "one-to-one match required for automatic links"},
-               system, key_)
-
-
-def _is_distinct(r: _Run, system: str, key: str, xid: str | None) -> bool:
-    if xid is None:
-        return False
-    return bool(r.con.execute("SELECT count(*) FROM _distinct WHERE system = ? AND record_key = ? AND xid = ?",
-                              [system, key, xid]).fetchone()[0])
+          AND NOT EXISTS (SELECT 1 FROM _distinct d WHERE d.system = kd.system AND d.record_key = kd.record_key
+                                                       AND d.xid = o.xid)
+        GROUP BY kd.system, kd.record_key, kd.k""")
 
 
 def _probabilistic_rule(r: _Run, rule) -> None:
@@ -320,22 +316,17 @@ def _probabilistic_rule(r: _Run, rule) -> None:
         r.apply_candidates(f"""
             SELECT system, record_key, xid, 'match:{rule.name}' AS rule, max(score) AS confidence FROM _pairs
             WHERE score >= {rule.link_threshold} GROUP BY ALL""")
-    rows = r.con.execute(f"""
-        SELECT system, record_key,
-               to_json(list(struct_pack(xid := xid, system := other_system, record_key := other_key, score := score,
-                                        evidence := evidence) ORDER BY score DESC, xid))
+    r.items_from("candidate", f"""
+        SELECT system, system || '|' || record_key AS item_key,
+               system || ' record ' || record_key || ' resembles ' || count(*) || ' record(s) ({rule.name}, best score '
+               || max(score) || '): review' AS title,
+               to_json(struct_pack(system := system, record_key := record_key, rule := {sql_literal(rule.name)},
+                   candidates := list(struct_pack(xid := xid, system := other_system, record_key := other_key,
+                                                  score := score, evidence := evidence) ORDER BY score DESC, xid),
+                   why := {sql_literal('probabilistic match: people decide' if rule.link_threshold is None else
+                                       f'score below link_threshold {rule.link_threshold} or not one-to-one')})) AS details
         FROM _pairs p WHERE score >= {rule.review_threshold} AND {r.unlinked('p')}
-        GROUP BY ALL ORDER BY 1, 2
-    """).fetchall()
-    for system, key, cands in rows:
-        cands = json.loads(cands)
-        r.item("candidate", system,
-               f"{system} record {key} resembles {len(cands)} record(s) ({rule.name}, best score "
-               f"{cands[0]['score']}): review",
-               {"system": system, "record_key": key, "rule": rule.name, "candidates": cands,
-                "why": "probabilistic match: people decide" if rule.link_threshold is None else
-                       f"score below link_threshold {rule.link_threshold} or not one-to-one"},
-               system, key)
+        GROUP BY system, record_key""")
 
 
 def _orphans(r: _Run) -> None:
@@ -343,19 +334,17 @@ def _orphans(r: _Run) -> None:
     if ent.identity.orphans == "create":
         r.mint_for("NOT r.creates", rule="minted_orphan")
         return
-    rows = r.con.execute(f"""SELECT rec.system, rec.record_key FROM _recs rec
-                             WHERE {r.unlinked('rec')} ORDER BY 1, 2""").fetchall()
-    candidates = {(d["system"], d["record_key"]) for d in (
-        json.loads(x[0]) for x in r.con.execute(
-            "SELECT details FROM review.items WHERE kind = 'candidate' AND entity = ? AND last_seen_run = ?",
-            [r.entity, r.run_id]).fetchall())}
-    for system, key in rows:
-        if (system, key) in candidates:
-            continue  # already in review as a candidate
-        r.item("orphan", system, f"{system} record {key} matches no one and {system} may not create identities",
-               {"system": system, "record_key": key,
-                "why": f"{system} has creates_identity: false; link it, or set identity.orphans: create"},
-               system, key)
+    r.items_from("orphan", f"""
+        SELECT rec.system, rec.system || '|' || rec.record_key AS item_key,
+               rec.system || ' record ' || rec.record_key || ' matches no one and ' || rec.system ||
+               ' may not create identities' AS title,
+               to_json(struct_pack(system := rec.system, record_key := rec.record_key,
+                   why := rec.system || ' has creates_identity: false; link it, or set identity.orphans: create')) AS details
+        FROM _recs rec
+        WHERE {r.unlinked('rec')}
+          AND rec.system || '|' || rec.record_key NOT IN (   -- already in review as a candidate
+              SELECT i.system || '|' || (i.details->>'record_key') FROM review.items i JOIN _seen_items USING (item_id)
+              WHERE i.kind = 'candidate')""")
 
 
 def _duplicates(r: _Run) -> None:
@@ -366,22 +355,18 @@ def _duplicates(r: _Run) -> None:
             continue
         key = "concat_ws(chr(31), " + ", ".join(f"rec.{q(f)}" for f in rule.fields) + ")"
         all_set = " AND ".join(f"rec.{q(f)} IS NOT NULL" for f in rule.fields)
-        rows = r.con.execute(f"""
-            SELECT rec.system, {key} AS k,
-                   to_json(list(struct_pack(record_key := rec.record_key, xid := x.xid) ORDER BY rec.record_key))
+        r.items_from("duplicate", f"""
+            SELECT rec.system, rec.system || '|' || {sql_literal(rule.name)} || '|' || {key} AS item_key,
+                   count(*) || ' ' || rec.system || ' records share {rule.name} ' || replace({key}, chr(31), ' + ') ||
+                   ': same person entered twice, or different people (e.g. a shared mailbox)?' AS title,
+                   to_json(struct_pack(system := rec.system, rule := {sql_literal(rule.name)},
+                       key := string_split({key}, chr(31)),
+                       records := list(struct_pack(record_key := rec.record_key, xid := x.xid) ORDER BY rec.record_key),
+                       why := 'within-system duplicate: decide merge or distinct')) AS details
             FROM _recs rec LEFT JOIN identity.xref x
               ON x.entity = {e} AND x.system = rec.system AND x.record_key = rec.record_key
             WHERE {all_set}
-            GROUP BY ALL HAVING count(*) > 1 ORDER BY 1, 2
-        """).fetchall()
-        for system, k, records in rows:
-            records = json.loads(records)
-            r.item("duplicate", system,
-                   f"{len(records)} {system} records share {rule.name} {k.replace(chr(31), ' + ')}: "
-                   f"same person entered twice, or different people (e.g. a shared mailbox)?",
-                   {"system": system, "rule": rule.name, "key": k.split(chr(31)), "records": records,
-                    "why": "within-system duplicate: decide merge or distinct"},
-                   system, rule.name, k)
+            GROUP BY rec.system, {key} HAVING count(*) > 1""")
 
 
 def _retire(r: _Run) -> None:

@@ -13,7 +13,6 @@ finds cross-system collisions and decides which writes are held back.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -293,22 +292,38 @@ def find_collisions(con, cfg: Config, entity: str, run_id: str, run_at: datetime
                      groups AS (SELECT _uvalue FROM ids GROUP BY 1 HAVING count(DISTINCT identity) > 1)
                 SELECT i._uvalue AS value, i.identity, to_json(i) AS side FROM ids i JOIN groups USING (_uvalue)
             """)
-            rows = con.execute("""
-                SELECT value, list(identity ORDER BY identity), to_json(list(side ORDER BY identity))
-                FROM _collide GROUP BY value ORDER BY value""").fetchall()
-            for val, identities, sides in rows:
-                item_id = "col_" + hashlib.sha256(f"collision|{entity}|{target}|{ufield}|{val}".encode()).hexdigest()[:16]
-                title = (f"{len(identities)} {entity} records would share {ufield} {val!r} in {target}, "
-                         f"which requires it to be unique")
-                details = json.dumps({"target": target, "field": ufield, "value": val, "identities": identities,
-                                      "sides": json.loads(sides)}, default=str)
-                _upsert_item(con, item_id, entity, "collision", target, title, details, run_id, run_at)
-                seen_items.append(item_id)
-                for ident_id in identities:
-                    con.execute("INSERT INTO audit.holds VALUES (?, ?, ?, ?, ?, ?)",
-                                [run_id, entity, target, ident_id,
-                                 f"{ufield} {val!r} would be shared with another {entity} in {target}", item_id])
-                held[target] = held.get(target, 0) + len(identities)
+            # One review item per colliding value (id stable across runs), one hold per identity: set-based.
+            key = f"collision|{entity}|{target}|{ufield}|"
+            con.execute(f"""
+                CREATE OR REPLACE TEMP TABLE _col_items AS
+                SELECT 'col_' || substr(sha256({sql_literal(key)} || value), 1, 16) AS item_id, value,
+                       count(*) || ' {entity} records would share {ufield} "' || value ||
+                       '" in {target}, which requires it to be unique' AS title,
+                       to_json(struct_pack(target := {sql_literal(target)}, field := {sql_literal(ufield)},
+                           value := value, identities := list(identity ORDER BY identity),
+                           sides := list(side ORDER BY identity))) AS details
+                FROM _collide GROUP BY value
+            """)
+            con.execute(
+                """INSERT INTO review.items
+                   SELECT item_id, ?, 'collision', ?, 'open', title, details, ?, ?, ?, ? FROM _col_items
+                   ON CONFLICT (item_id) DO UPDATE SET
+                       status = CASE WHEN review.items.status IN ('decided', 'ignored') THEN review.items.status
+                                     ELSE 'open' END,
+                       title = excluded.title, details = excluded.details,
+                       last_seen_run = excluded.last_seen_run, updated_at = excluded.updated_at""",
+                [entity, target, run_id, run_id, run_at, run_at])
+            con.execute(
+                f"""INSERT INTO audit.holds
+                    SELECT ?, ?, ?, c.identity,
+                           {sql_literal(ufield + ' "')} || c.value || {sql_literal('" would be shared with another ' + entity + ' in ' + target)},
+                           i.item_id
+                    FROM _collide c JOIN _col_items i USING (value)""",
+                [run_id, entity, target])
+            seen_items += [r[0] for r in con.execute("SELECT item_id FROM _col_items").fetchall()]
+            n = con.execute("SELECT count(DISTINCT identity) FROM _collide").fetchone()[0]
+            if n:
+                held[target] = held.get(target, 0) + n
     # Collisions that no longer occur are resolved (their item stays for the record).
     con.execute(
         f"""UPDATE review.items SET status = 'resolved', updated_at = ?
@@ -317,15 +332,6 @@ def find_collisions(con, cfg: Config, entity: str, run_id: str, run_at: datetime
         [run_at, entity, seen_items],
     )
     return held
-
-
-def _upsert_item(con, item_id, entity, kind, system, title, details, run_id, run_at) -> None:
-    con.execute(
-        """INSERT INTO review.items VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?)
-           ON CONFLICT (item_id) DO UPDATE SET status = 'open', title = excluded.title, details = excluded.details,
-               last_seen_run = excluded.last_seen_run, updated_at = excluded.updated_at""",
-        [item_id, entity, kind, system, title, details, run_id, run_id, run_at, run_at],
-    )
 
 
 def record_gates(con, cfg: Config, entity: str, run_id: str, run_at: datetime, validations: dict[str, dict],
