@@ -326,6 +326,9 @@ def _probabilistic_rule(r: _Run, rule) -> None:
                    why := {sql_literal('probabilistic match: people decide' if rule.link_threshold is None else
                                        f'score below link_threshold {rule.link_threshold} or not one-to-one')})) AS details
         FROM _pairs p WHERE score >= {rule.review_threshold} AND {r.unlinked('p')}
+          AND p.system || '|' || p.record_key NOT IN (   -- an earlier rule already put it in review
+              SELECT i.system || '|' || (i.details->>'record_key') FROM review.items i JOIN _seen_items USING (item_id)
+              WHERE i.kind = 'candidate')
         GROUP BY system, record_key""")
 
 
