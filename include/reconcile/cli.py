@@ -457,7 +457,7 @@ def _print_person(p: dict) -> None:
     print(f"  records ({len(p['records'])}):")
     for r in p["records"]:
         where = f"modified {_show(r['source_modified_at'])}" if r["in_staging"] else "no longer in staging"
-        print(f"    {r['system']}:{r['record_key']:<20} linked by {r['rule']} ({r['confidence']:.2f}) "
+        print(f"    {r['system'] + ':' + r['record_key']:<24} linked by {r['rule']} ({r['confidence']:.2f}) "
               f"in run {r['run_id']}; {where}")
         if r["values"]:
             print("      " + "  ".join(f"{k}={_show(v)}" for k, v in r["values"].items()))

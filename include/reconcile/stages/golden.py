@@ -1,0 +1,488 @@
+"""Golden records: staging + identity.xref -> golden.<entity>, its lineage (SCD-2), conflicts, disagreements.
+
+`build` is the single writer the runner's `build_golden` step calls after identity resolution; `erase` is
+what `reconcile erase` calls; `find_xids` and `person_report` are the read side of `reconcile lineage`.
+Everything is set-based DuckDB SQL over whole tables: Python only generates the statements from the config.
+
+How a golden value is chosen (per field, see docs/golden.md): among the linked records of the candidate
+systems (`CanonicalField.candidate_systems`), blanks never win over values; then
+- owner / first_non_null: the first system in order that holds a value;
+- most_recent: the value of the most recently modified record;
+- most_restrictive: the value ranked first in `restrictive_values` (then system order, then recency);
+and within one system (two records on one xid, e.g. after a steward's merge): most recently modified, then
+key. When that tie-break had to choose between different values, the conflict is recorded.
+
+Erased persons (identity.erasures) are suppressed: their xid gets no golden row and no new lineage, and the
+records they had when the request was made (identity.erased_records) never supply a value to anyone.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from ..config.models import Config, EntityConfig
+from ..errors import ReconcileError
+from ..transforms import quote_ident as q, sql_literal
+from .extract import staging_table
+
+STAGE = "golden"
+
+_SQL_TYPES = {"string": "VARCHAR", "boolean": "BOOLEAN", "integer": "BIGINT", "number": "DOUBLE", "date": "DATE",
+              "timestamp": "TIMESTAMP"}
+
+
+def golden_table(entity: str) -> str:
+    return f"golden.{entity}"
+
+
+def lineage_table(entity: str) -> str:
+    return f"golden.{entity}_lineage"
+
+
+def conflicts_table(entity: str) -> str:
+    return f"golden.{entity}_conflicts"
+
+
+def erased_keys_sql(entity: str) -> str:
+    """SQL selecting `(system, record_key, xid)` of every record that belongs to an erased person of `entity`.
+
+    The contract for identity resolution: never mint an xid for these records and never move them to
+    another xid (keep them on the erased xid, or leave them out); records linked to an erased xid later stay
+    suppressed too. Golden enforces it either way: these records never supply a value, and an erased xid
+    never gets a golden row.
+    """
+    e = sql_literal(entity)
+    return (f"SELECT system, record_key, xid FROM identity.erased_records WHERE entity = {e} "
+            f"UNION SELECT x.system, x.record_key, x.xid FROM identity.xref x "
+            f"JOIN identity.erasures r ON r.entity = x.entity AND r.xid = x.xid WHERE x.entity = {e}")
+
+
+def _exists(con, qualified: str) -> bool:
+    schema, name = qualified.split(".", 1)
+    return con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+                       [schema, name]).fetchone()[0] > 0
+
+
+def ensure_tables(con, entity: str) -> None:
+    """The entity's lineage and conflicts tables (golden.<entity> itself is rebuilt by every run)."""
+    con.execute(f"""CREATE TABLE IF NOT EXISTS {lineage_table(entity)} (
+        xid VARCHAR NOT NULL,
+        field VARCHAR NOT NULL,
+        value VARCHAR,                    -- the golden value as text; NULL when no linked record holds one
+        source_system VARCHAR,
+        source_record_key VARCHAR,
+        source_modified_at TIMESTAMP,     -- the source record's modified time when the value was taken
+        rule VARCHAR NOT NULL,            -- owner | fallback | first_non_null | most_recent | most_restrictive | none
+        run_id VARCHAR NOT NULL,          -- the run that first believed this value from this source
+        valid_from TIMESTAMP NOT NULL,    -- that run's run_at
+        valid_to TIMESTAMP                -- NULL while current
+    )""")
+    con.execute(f"""CREATE TABLE IF NOT EXISTS {conflicts_table(entity)} (
+        run_id VARCHAR NOT NULL,
+        xid VARCHAR NOT NULL,
+        field VARCHAR NOT NULL,
+        system VARCHAR NOT NULL,          -- the system with several linked records holding different values
+        chosen_record_key VARCHAR NOT NULL,
+        chosen_value VARCHAR NOT NULL,
+        candidates JSON NOT NULL          -- every record of that system on the xid, in tie-break order
+    )""")
+
+
+def _values_sql(con, ent: EntityConfig, entity: str) -> str:
+    """One long row per (linked record, mapped field): xid, field, system, record_key, modified_at, value."""
+    parts = []
+    for system in sorted(ent.sources):
+        table = staging_table(system, entity)
+        if not _exists(con, table):
+            continue
+        for fname in ent.sources[system].fields:
+            if fname not in ent.fields:
+                continue
+            text = f"CAST(s.{q(fname)} AS VARCHAR)"
+            parts.append(
+                f"SELECT l.xid, {sql_literal(fname)} AS field, l.system, s._record_key AS record_key, "
+                f"s._source_modified_at AS modified_at, CASE WHEN trim({text}) = '' THEN NULL ELSE {text} END AS value "
+                f"FROM _links l JOIN {table} s ON s._record_key = l.record_key WHERE l.system = {sql_literal(system)}")
+    if not parts:
+        return ("SELECT NULL::VARCHAR AS xid, NULL::VARCHAR AS field, NULL::VARCHAR AS system, "
+                "NULL::VARCHAR AS record_key, NULL::TIMESTAMP AS modified_at, NULL::VARCHAR AS value WHERE FALSE")
+    return "\nUNION ALL\n".join(parts)
+
+
+def _present_sql(con, ent: EntityConfig, entity: str) -> str:
+    """Xids with at least one linked, non-erased record still in staging: the xids that get a golden row."""
+    parts = [f"SELECT l.xid FROM _links l JOIN {staging_table(s, entity)} s ON s._record_key = l.record_key "
+             f"WHERE l.system = {sql_literal(s)}"
+             for s in sorted(ent.sources) if _exists(con, staging_table(s, entity))]
+    return "\nUNION\n".join(parts) if parts else "SELECT NULL::VARCHAR AS xid WHERE FALSE"
+
+
+def _config_tables(con, ent: EntityConfig) -> None:
+    """The field strategies as three small tables, so the ranking itself is one SQL statement."""
+    fields, cands, restrictive = [], [], []
+    for fname, field in ent.fields.items():
+        fields.append(f"SELECT {sql_literal(fname)} AS field, {sql_literal(field.strategy)} AS strategy, "
+                      f"{sql_literal(field.owner)} AS owner, {len(field.restrictive_values)} AS unranked")
+        mapped_by = [s for s, src in ent.sources.items() if fname in src.fields]
+        for rank, system in enumerate(field.candidate_systems(mapped_by)):
+            cands.append(f"SELECT {sql_literal(fname)} AS field, {sql_literal(system)} AS system, {rank} AS sys_rank")
+        for rank, value in enumerate(field.restrictive_values):
+            ftype = _SQL_TYPES[field.type]
+            # Compared as text exactly as staged values are: the typed value cast back to VARCHAR.
+            restrictive.append(f"SELECT {sql_literal(fname)} AS field, "
+                               f"CAST(CAST({sql_literal(value)} AS {ftype}) AS VARCHAR) AS value, {rank} AS vrank")
+    empty = {"_cands": "SELECT NULL::VARCHAR AS field, NULL::VARCHAR AS system, NULL::INTEGER AS sys_rank WHERE FALSE",
+             "_restrictive": "SELECT NULL::VARCHAR AS field, NULL::VARCHAR AS value, NULL::INTEGER AS vrank WHERE FALSE"}
+    for name, parts in (("_fields", fields), ("_cands", cands), ("_restrictive", restrictive)):
+        body = " UNION ALL ".join(parts) if parts else empty[name]
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS {body}")
+
+
+def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
+    """Rebuild golden.<entity> from staging + xref, extend its lineage, record conflicts and disagreements.
+
+    Idempotent per run id: a run that already built golden returns its recorded summary. Runs must be built
+    in run_at order (lineage intervals only move forwards).
+    """
+    done = con.execute("SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = ?",
+                       [run_id, entity, STAGE]).fetchone()
+    if done:
+        return json.loads(done[0])
+    ent = cfg.entity(entity)
+    gtable, ltable, ctable = golden_table(entity), lineage_table(entity), conflicts_table(entity)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        ensure_tables(con, entity)
+        newest = con.execute(f"SELECT max(valid_from) FROM {ltable}").fetchone()[0]
+        if newest is not None and run_at < newest:
+            raise ReconcileError(f"run {run_id!r} (run_at {run_at}) is older than the newest golden history "
+                                 f"({newest}); golden records are built in run order")
+        # Links of active, non-erased xids, without the records an erased person had.
+        con.execute("""
+            CREATE OR REPLACE TEMP TABLE _links AS
+            SELECT x.xid, x.system, x.record_key
+            FROM identity.xref x JOIN identity.xids i ON i.xid = x.xid AND i.entity = x.entity AND i.status = 'active'
+            WHERE x.entity = $1
+              AND NOT EXISTS (SELECT 1 FROM identity.erasures r WHERE r.entity = $1 AND r.xid = x.xid)
+              AND NOT EXISTS (SELECT 1 FROM identity.erased_records r
+                              WHERE r.entity = $1 AND r.system = x.system AND r.record_key = x.record_key)
+        """, [entity])
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _values AS {_values_sql(con, ent, entity)}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _present AS SELECT DISTINCT xid FROM ({_present_sql(con, ent, entity)})")
+        _config_tables(con, ent)
+
+        # One ranking for every strategy: blanks last; restrictive rank (0 unless most_restrictive); recency
+        # (most_recent only); system order; then within a system most recently modified, then key.
+        con.execute("""
+            CREATE OR REPLACE TEMP TABLE _ranked AS
+            SELECT v.*, c.sys_rank, f.strategy, f.owner,
+                   row_number() OVER (
+                       PARTITION BY v.xid, v.field
+                       ORDER BY v.value IS NULL, coalesce(r.vrank, f.unranked),
+                                CASE WHEN f.strategy = 'most_recent' THEN v.modified_at END DESC NULLS LAST,
+                                c.sys_rank, v.modified_at DESC NULLS LAST, v.record_key) AS rn
+            FROM _values v
+            JOIN _cands c ON c.field = v.field AND c.system = v.system
+            JOIN _fields f ON f.field = v.field
+            LEFT JOIN _restrictive r ON r.field = v.field AND r.value = v.value
+        """)
+        con.execute("""
+            CREATE OR REPLACE TEMP TABLE _new AS
+            SELECT p.xid, f.field, w.value,
+                   CASE WHEN w.value IS NOT NULL THEN w.system END AS source_system,
+                   CASE WHEN w.value IS NOT NULL THEN w.record_key END AS source_record_key,
+                   CASE WHEN w.value IS NOT NULL THEN w.modified_at END AS source_modified_at,
+                   CASE WHEN w.value IS NULL THEN 'none'
+                        WHEN f.strategy = 'owner' AND w.system = f.owner THEN 'owner'
+                        WHEN f.strategy = 'owner' THEN 'fallback'
+                        ELSE f.strategy END AS rule
+            FROM _present p CROSS JOIN _fields f
+            LEFT JOIN _ranked w ON w.xid = p.xid AND w.field = f.field AND w.rn = 1
+        """)
+
+        # Conflicts: the supplying system had several records on the xid with different values.
+        con.execute(f"DELETE FROM {ctable} WHERE run_id = ?", [run_id])
+        con.execute(f"""
+            INSERT INTO {ctable}
+            SELECT $1, n.xid, n.field, n.source_system, n.source_record_key, n.value,
+                   to_json(list(struct_pack(record_key := r.record_key, value := r.value,
+                                            source_modified_at := r.modified_at) ORDER BY r.rn))
+            FROM _new n JOIN _ranked r ON r.xid = n.xid AND r.field = n.field AND r.system = n.source_system
+            WHERE n.rule IN ('owner', 'fallback', 'first_non_null')
+            GROUP BY n.xid, n.field, n.source_system, n.source_record_key, n.value
+            HAVING count(DISTINCT r.value) > 1
+        """, [run_id])
+
+        # What changed against the current lineage, before the lineage moves on.
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE _changed AS
+            SELECT DISTINCT n.xid FROM _new n
+            LEFT JOIN {ltable} l ON l.valid_to IS NULL AND l.xid = n.xid AND l.field = n.field
+            WHERE l.xid IS NULL OR l.value IS DISTINCT FROM n.value
+        """)
+        removed = con.execute(f"""SELECT count(DISTINCT xid) FROM {ltable}
+                                  WHERE valid_to IS NULL AND xid NOT IN (SELECT xid FROM _present)""").fetchone()[0]
+        # SCD-2: close every current row whose value or source is no longer what we believe (or whose xid is
+        # gone: merged, retired, erased), then open a row wherever no current one is left.
+        con.execute(f"""
+            UPDATE {ltable} AS l SET valid_to = $1
+            WHERE l.valid_to IS NULL AND NOT EXISTS (
+                SELECT 1 FROM _new n
+                WHERE n.xid = l.xid AND n.field = l.field AND n.value IS NOT DISTINCT FROM l.value
+                  AND n.source_system IS NOT DISTINCT FROM l.source_system
+                  AND n.source_record_key IS NOT DISTINCT FROM l.source_record_key)
+        """, [run_at])
+        con.execute(f"""
+            INSERT INTO {ltable}
+            SELECT n.xid, n.field, n.value, n.source_system, n.source_record_key, n.source_modified_at, n.rule,
+                   $1, $2, NULL
+            FROM _new n
+            WHERE NOT EXISTS (SELECT 1 FROM {ltable} l WHERE l.valid_to IS NULL AND l.xid = n.xid AND l.field = n.field)
+            ORDER BY n.xid, n.field
+        """, [run_id, run_at])
+
+        # The golden table: one typed row per xid; unchanged rows keep the run that last changed them.
+        prev = (f"SELECT xid, _run_id, _updated_at FROM {gtable}" if _exists(con, gtable)
+                else "SELECT NULL::VARCHAR AS xid, NULL::VARCHAR AS _run_id, NULL::TIMESTAMP AS _updated_at WHERE FALSE")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _prev AS {prev}")
+        cols = [(f, _SQL_TYPES[spec.type]) for f, spec in ent.fields.items()]
+        con.execute(f"""CREATE OR REPLACE TABLE {gtable} (xid VARCHAR PRIMARY KEY,
+                        {''.join(f'{q(f)} {t}, ' for f, t in cols)}_run_id VARCHAR NOT NULL,
+                        _updated_at TIMESTAMP NOT NULL)""")
+        pivot = ", ".join(f"CAST(max(value) FILTER (WHERE field = {sql_literal(f)}) AS {t}) AS {q(f)}" for f, t in cols)
+        con.execute(f"""
+            INSERT INTO {gtable}
+            SELECT g.*,
+                   CASE WHEN c.xid IS NULL AND p.xid IS NOT NULL THEN p._run_id ELSE $1 END,
+                   CASE WHEN c.xid IS NULL AND p.xid IS NOT NULL THEN p._updated_at ELSE $2 END
+            FROM (SELECT xid{', ' + pivot if pivot else ''} FROM _new GROUP BY xid) g
+            LEFT JOIN _changed c ON c.xid = g.xid LEFT JOIN _prev p ON p.xid = g.xid
+            ORDER BY g.xid
+        """, [run_id, run_at])
+
+        # The sync assessment: linked records whose staged value differs from the golden one.
+        con.execute("DELETE FROM audit.disagreements WHERE run_id = ? AND entity = ?", [run_id, entity])
+        con.execute("""
+            INSERT INTO audit.disagreements
+            SELECT $1, $2, v.field, v.system, count(*),
+                   count(*) FILTER (WHERE v.value IS NOT NULL AND v.value IS DISTINCT FROM n.value),
+                   count(*) FILTER (WHERE v.value IS NULL AND n.value IS NOT NULL)
+            FROM _values v JOIN _new n ON n.xid = v.xid AND n.field = v.field
+            GROUP BY v.field, v.system ORDER BY v.field, v.system
+        """, [run_id, entity])
+
+        by_field = dict(con.execute("""SELECT field, sum(disagreeing)::BIGINT FROM audit.disagreements
+                                       WHERE run_id = ? AND entity = ? GROUP BY field""", [run_id, entity]).fetchall())
+        summary = {
+            "records": con.execute(f"SELECT count(*) FROM {gtable}").fetchone()[0],
+            "changed": con.execute("SELECT count(*) FROM _changed").fetchone()[0],
+            "removed": removed,
+            "conflicts": con.execute(f"SELECT count(*) FROM {ctable} WHERE run_id = ?", [run_id]).fetchone()[0],
+            "erased": con.execute("SELECT count(*) FROM identity.erasures WHERE entity = ?", [entity]).fetchone()[0],
+            "disagreements": {f: int(by_field.get(f, 0)) for f in ent.fields},
+        }
+        con.execute("INSERT INTO audit.stage_runs VALUES (?, ?, ?, ?, ?)",
+                    [run_id, entity, STAGE, run_at, json.dumps(summary)])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    for t in ("_links", "_values", "_present", "_fields", "_cands", "_restrictive", "_ranked", "_new", "_changed",
+              "_prev"):
+        con.execute(f"DROP TABLE IF EXISTS {t}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Erasure (single writer)
+# ----------------------------------------------------------------------------------------------------------
+
+def erase(con, entity: str, xid: str, *, request_id: str, requested_at: datetime, requested_by: str, reason: str,
+          matched_by: str) -> dict:
+    """Record an erasure request for one xid and suppress it now (golden row removed, lineage closed).
+
+    Also snapshots the xid's linked records into identity.erased_records, so they stay suppressed even if
+    identity resolution ever links them elsewhere. Idempotent: a second request returns the first.
+    """
+    ensure_tables(con, entity)
+    old = con.execute("SELECT request_id, requested_at, requested_by, reason FROM identity.erasures "
+                      "WHERE entity = ? AND xid = ?", [entity, xid]).fetchone()
+    if old:
+        return {"entity": entity, "xid": xid, "request_id": old[0], "requested_at": old[1], "requested_by": old[2],
+                "reason": old[3], "already": True, "records": _erased_records(con, entity, xid)}
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("INSERT INTO identity.erasures VALUES (?, ?, ?, ?, ?, ?, ?, 'requested')",
+                    [entity, xid, request_id, requested_at, requested_by, reason, matched_by])
+        con.execute("""INSERT OR IGNORE INTO identity.erased_records
+                       SELECT entity, system, record_key, xid, ? FROM identity.xref WHERE entity = ? AND xid = ?""",
+                    [request_id, entity, xid])
+        if _exists(con, golden_table(entity)):
+            con.execute(f"DELETE FROM {golden_table(entity)} WHERE xid = ?", [xid])
+        con.execute(f"UPDATE {lineage_table(entity)} SET valid_to = greatest(valid_from, ?) "
+                    f"WHERE xid = ? AND valid_to IS NULL", [requested_at, xid])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return {"entity": entity, "xid": xid, "request_id": request_id, "requested_at": requested_at,
+            "requested_by": requested_by, "reason": reason, "already": False,
+            "records": _erased_records(con, entity, xid)}
+
+
+def _erased_records(con, entity: str, xid: str) -> list[str]:
+    return [f"{s}:{k}" for s, k in con.execute(
+        "SELECT system, record_key FROM identity.erased_records WHERE entity = ? AND xid = ? ORDER BY 1, 2",
+        [entity, xid]).fetchall()]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding a person and describing everything held about them (read-only)
+# ----------------------------------------------------------------------------------------------------------
+
+def email_fields(ent: EntityConfig, system: str) -> list[str]:
+    """Fields a source normalises as emails (the `email` transform)."""
+    return [f for f, m in ent.sources[system].fields.items() if any(s.name == "email" for s in m.steps)]
+
+
+def find_xids(con, cfg: Config, entity: str, *, email: str | None = None, xid: str | None = None,
+              record: tuple[str, str] | None = None) -> dict:
+    """Xids of `entity` named by an email (in any system's staging, current or past), an xid, or a record.
+
+    Returns {"xids": [...], "unlinked": [system:key, ...] (records found but linked to no xid),
+    "merged": {asked xid: surviving xid}}.
+    """
+    ent = cfg.entity(entity)
+    found: set[str] = set()
+    unlinked: set[str] = set()
+    merged: dict[str, str] = {}
+    if email is not None:
+        for system in sorted(ent.sources):
+            fields = email_fields(ent, system)
+            table = staging_table(system, entity)
+            if not fields or not _exists(con, table):
+                continue
+            tables = [table] + ([f"{table}_history"] if _exists(con, f"{table}_history") else [])
+            match = " OR ".join(f"{q(f)} = lower(trim($1))" for f in fields)
+            keys = " UNION ".join(f"SELECT _record_key FROM {t} WHERE {match}" for t in tables)
+            rows = con.execute(f"""
+                SELECT k._record_key, x.xid FROM ({keys}) k
+                LEFT JOIN identity.xref x ON x.entity = $2 AND x.system = $3 AND x.record_key = k._record_key
+            """, [email, entity, system]).fetchall()
+            for key, x in rows:
+                (found.add(x) if x else unlinked.add(f"{system}:{key}"))
+    if record is not None:
+        row = con.execute("SELECT xid FROM identity.xref WHERE entity = ? AND system = ? AND record_key = ?",
+                          [entity, record[0], record[1]]).fetchone()
+        if row:
+            found.add(row[0])
+    if xid is not None:
+        current, seen = xid, set()
+        while current and current not in seen:
+            seen.add(current)
+            row = con.execute("SELECT status, merged_into FROM identity.xids WHERE entity = ? AND xid = ?",
+                              [entity, current]).fetchone()
+            if row is None:
+                if current == xid and con.execute("SELECT count(*) FROM identity.xref WHERE entity = ? AND xid = ?",
+                                                  [entity, xid]).fetchone()[0]:
+                    found.add(xid)
+                break
+            if row[0] == "merged" and row[1]:
+                merged[xid] = row[1]
+                current = row[1]
+                continue
+            found.add(current)
+            break
+    return {"xids": sorted(found), "unlinked": sorted(unlinked), "merged": merged}
+
+
+def _rows(con, sql: str, params: list) -> list[dict[str, Any]]:
+    cur = con.execute(sql, params)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+def person_report(con, cfg: Config, entity: str, xid: str) -> dict:
+    """Everything the warehouse holds about one xid: linked records with their staged values, golden values
+    with source and history, consent, conflicts, erasure, and changes written (audit.changes, if it exists)."""
+    ent = cfg.entity(entity)
+    ident = _rows(con, "SELECT status, merged_into, minted_run_id, minted_at, minted_from FROM identity.xids "
+                       "WHERE entity = ? AND xid = ?", [entity, xid])
+    erasure = _rows(con, "SELECT request_id, requested_at, requested_by, reason, matched_by, status "
+                         "FROM identity.erasures WHERE entity = ? AND xid = ?", [entity, xid])
+    links = _rows(con, """SELECT system, record_key, rule, confidence, run_id, linked_at FROM identity.xref
+                          WHERE entity = ? AND xid = ? ORDER BY system, record_key""", [entity, xid])
+    records = []
+    for link in links:
+        system = link["system"]
+        table = staging_table(system, entity)
+        staged = []
+        if system in ent.sources and _exists(con, table):
+            fields = [f for f in ent.sources[system].fields if f in ent.fields]
+            staged = _rows(con, f"SELECT _source_modified_at, {', '.join(q(f) for f in fields)} FROM {table} "
+                                f"WHERE _record_key = ?", [link["record_key"]])
+        rec = dict(link)
+        rec["in_staging"] = bool(staged)
+        rec["source_modified_at"] = staged[0].pop("_source_modified_at") if staged else None
+        rec["values"] = staged[0] if staged else {}
+        records.append(rec)
+
+    golden_row, history, conflicts = None, [], []
+    if _exists(con, golden_table(entity)):
+        got = _rows(con, f"SELECT * FROM {golden_table(entity)} WHERE xid = ?", [xid])
+        golden_row = got[0] if got else None
+    if _exists(con, lineage_table(entity)):
+        history = _rows(con, f"""SELECT field, value, source_system, source_record_key, source_modified_at, rule,
+                                        run_id, valid_from, valid_to FROM {lineage_table(entity)}
+                                 WHERE xid = ? ORDER BY field, valid_from DESC""", [xid])
+    if _exists(con, conflicts_table(entity)):
+        conflicts = _rows(con, f"""SELECT run_id, field, system, chosen_record_key, chosen_value, candidates
+                                   FROM {conflicts_table(entity)} WHERE xid = ? AND run_id = (
+                                       SELECT run_id FROM audit.stage_runs WHERE entity = ? AND stage = ?
+                                       ORDER BY finished_at DESC, run_id DESC LIMIT 1)
+                                   ORDER BY field, system""", [xid, entity, STAGE])
+        for c in conflicts:
+            c["candidates"] = json.loads(c["candidates"])
+
+    fields: dict[str, dict] = {}
+    for fname, spec in ent.fields.items():
+        past = [h for h in history if h["field"] == fname]
+        current = next((h for h in past if h["valid_to"] is None), None) if golden_row is not None else None
+        fields[fname] = {
+            "value": golden_row.get(fname) if golden_row is not None else None,
+            "strategy": spec.strategy, "owner": spec.owner,
+            "source_system": current["source_system"] if current else None,
+            "source_record_key": current["source_record_key"] if current else None,
+            "source_modified_at": current["source_modified_at"] if current else None,
+            "rule": current["rule"] if current else None,
+            "since": current["valid_from"] if current else None,
+            "history": [{k: h[k] for k in ("value", "source_system", "source_record_key", "source_modified_at",
+                                            "rule", "run_id", "valid_from", "valid_to")} for h in past],
+        }
+    consent = {f: {k: v[k] for k in ("value", "source_system", "source_record_key", "source_modified_at", "since")}
+               for f, v in fields.items() if ent.fields[f].strategy == "most_restrictive"}
+    return {
+        "entity": entity, "xid": xid,
+        "identity": ident[0] if ident else None,
+        "erasure": erasure[0] if erasure else None,
+        "in_golden": golden_row is not None,
+        "records": records,
+        "golden": fields,   # value/source are None when there is no golden row (erased, merged, retired)
+        "consent": consent,
+        "conflicts": conflicts,
+        "changes": _changes(con, entity, xid),
+    }
+
+
+def _changes(con, entity: str, xid: str) -> list[dict] | None:
+    """Every change written for this xid (audit.changes, from issue 6), or None while that table does not exist."""
+    if not _exists(con, "audit.changes"):
+        return None
+    cols = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
+                                      "WHERE table_schema = 'audit' AND table_name = 'changes'").fetchall()}
+    if "xid" not in cols:
+        return None
+    where = "xid = ?" + (" AND entity = ?" if "entity" in cols else "")
+    params = [xid] + ([entity] if "entity" in cols else [])
+    return _rows(con, f"SELECT * FROM audit.changes WHERE {where} ORDER BY ALL", params)
