@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
+import duckdb
 import pytest
 
 from reconcile import runner
@@ -454,8 +455,21 @@ def test_lineage_finds_a_person_by_any_of_their_emails(published_people, capsys,
     assert person["consent"] == {"email_opt_out": {
         "value": True, "source_system": "marketing", "source_record_key": "m1",
         "source_modified_at": str(d(4)), "since": str(T1)}}
-    assert person["changes"] is None  # audit.changes does not exist yet
+    assert person["changes"] in (None, [])  # None until audit.changes (issue 6) exists; nothing written yet
     assert report["unlinked"] == ([{"entity": "contact", "record": "marketing:m9"}] if "crm" in email else [])
+
+
+def test_changes_written_for_the_person_are_listed_once_audit_changes_exists():
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA audit")
+    assert golden._changes(con, "contact", "X1") is None
+    con.execute("CREATE TABLE audit.changes (entity VARCHAR, xid VARCHAR, target VARCHAR, operation VARCHAR)")
+    con.execute("INSERT INTO audit.changes VALUES ('contact', 'X1', 'marketing', 'update'), "
+                "('contact', 'X2', 'marketing', 'update'), ('account', 'X1', 'erp', 'create'), "
+                "('contact', 'X1', 'erp', 'erase')")
+    assert golden._changes(con, "contact", "X1") == [
+        {"entity": "contact", "xid": "X1", "target": "erp", "operation": "erase"},
+        {"entity": "contact", "xid": "X1", "target": "marketing", "operation": "update"}]
 
 
 def test_lineage_text_output_names_records_sources_history_and_consent(published_people, capsys):
