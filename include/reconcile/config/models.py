@@ -175,6 +175,21 @@ class QuarantineRateGate(_Strict):
     max: float | None = Field(default=None, ge=0, le=1)  # default 0.05
 
 
+class ChangeThreshold(_Strict):
+    """Above either bound a load waits for approval."""
+
+    max: int | None = Field(default=None, ge=0)
+    max_share: float | None = Field(default=None, ge=0)  # of the target's staged records
+
+
+DEFAULT_CHANGE_THRESHOLDS = {
+    "create": {"max": 1000, "max_share": 0.2},
+    "update": {"max": 5000, "max_share": 0.1},
+    "archive": {"max": 500, "max_share": 0.01},
+    "erase": {"max": 50, "max_share": 0.01},
+}
+
+
 class GateOverrides(_Strict):
     """Gate settings for one system's staging table (overrides the entity-level ones key by key)."""
 
@@ -184,6 +199,8 @@ class GateOverrides(_Strict):
     duplicate_keys: dict[str, list[str]] | None = None
     freshness: FreshnessGate = Field(default_factory=FreshnessGate)
     quarantine_rate: QuarantineRateGate = Field(default_factory=QuarantineRateGate)
+    # Change thresholds per operation for writes into this system (create, update, archive, erase).
+    changes: dict[Literal["create", "update", "archive", "erase"], ChangeThreshold] = Field(default_factory=dict)
 
 
 class GateSettings(GateOverrides):
@@ -236,6 +253,23 @@ class EntityConfig(_Strict):
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
 
 
+class ArchiveSettings(_Strict):
+    """Soft delete: set `column` to `value` (e.g. statecode = 1). Hard delete only with `hard_delete: true`."""
+
+    column: str | None = None
+    value: Any = None
+    hard_delete: bool = False
+
+
+class WriteSettings(_Strict):
+    """`systems.<s>.writes`: what reconcile may do to this system when it is a target."""
+
+    create: bool = False                      # create records for eligible golden records it lacks
+    archive: ArchiveSettings | None = None    # archive records whose identity is gone from every identity source
+    erase: Literal["anonymize", "delete"] = "anonymize"  # how an erasure request is carried out here
+    blanks_overwrite: bool = False            # may an empty golden value blank out a value here?
+
+
 class SystemConfig(_Strict):
     """A business system. Exactly one of url (no password inline), url_env or connection."""
 
@@ -247,6 +281,7 @@ class SystemConfig(_Strict):
     unique: list[str] = Field(default_factory=list)
     phone_region: str | None = None
     description: str | None = None
+    writes: WriteSettings = Field(default_factory=WriteSettings)
 
 
 class Defaults(_Strict):
@@ -262,6 +297,15 @@ class ExtractSettings(_Strict):
     batch_size: int = Field(default=10_000, ge=1)
 
 
+class LoadSettings(_Strict):
+    """`load`: how planned changes reach the systems (see docs/configuration.md#load)."""
+
+    mode: Literal["dry_run", "apply"] = "dry_run"   # a new config only plans: the sync assessment
+    batch_size: int = Field(default=200, ge=1)      # changes per target transaction
+    max_failure_rate: float = Field(default=0.05, ge=0, le=1)  # failed / attempted above this stops a load
+    pause_seconds: float = Field(default=0.0, ge=0)  # between batches (rate limiting a busy system)
+
+
 class Config(_Strict):
     """A whole deployment: systems, entities, where the warehouse lives, when to run."""
 
@@ -272,6 +316,7 @@ class Config(_Strict):
     extract: ExtractSettings = Field(default_factory=ExtractSettings)
     systems: dict[str, SystemConfig]
     entities: dict[str, EntityConfig]
+    load: LoadSettings = Field(default_factory=LoadSettings)
 
     _path: Path | None = PrivateAttr(default=None)
 

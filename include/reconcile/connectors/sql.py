@@ -105,3 +105,65 @@ def _strings(values: list) -> pa.Array:
         # Mixed types in one column (SQLite allows it) or exotic types: fall back to str().
         return pa.array([None if v is None else (v.hex() if isinstance(v, bytes) else str(v)) for v in values],
                         type=pa.string())
+
+
+class SqlWriter:
+    """Writes into one table of a SQL system: one transaction per batch, one savepoint per record, so a
+    rejected row fails alone and the rest of the batch commits."""
+
+    def __init__(self, connector: SqlConnector, source: SourceConfig):
+        if source.table is None:
+            raise ReconcileError(f"system {connector.system!r}: cannot write through a query source; "
+                                 f"configure 'table' to make it a target")
+        self.c = connector
+        self.source = source
+        schema, _, name = source.table.rpartition(".")
+        self.table = sa.table(name, schema=schema or None)
+        self.key = source.key
+
+    def batch(self):
+        """A connection in a transaction: commits on success, rolls back on error."""
+        try:
+            return self.c.engine.begin()
+        except Exception as e:
+            raise self.c._fail("cannot connect to write", e) from None
+
+    def current(self, conn, keys: list[str], columns: list[str]) -> dict[str, dict[str, str | None]]:
+        """The target's current values (as strings, like extraction) for these records."""
+        cols = list(dict.fromkeys([self.key] + columns))
+        stmt = sa.select(*[sa.column(c) for c in cols]).select_from(self.table).where(
+            sa.column(self.key).in_(keys))
+        rows = conn.execute(stmt).fetchall()
+        out = {}
+        if rows:
+            table = _to_arrow(cols, rows)
+            for rec in table.to_pylist():
+                out[rec[self.key]] = {c: rec[c] for c in columns}
+        return out
+
+    def savepoint(self, conn):
+        return conn.begin_nested()
+
+    def _t(self, columns) -> sa.TableClause:
+        cols = list(dict.fromkeys([*columns, self.key]))
+        return sa.table(self.table.name, *[sa.column(c) for c in cols], schema=self.table.schema)
+
+    def update(self, conn, record_key: str, values: dict[str, object]) -> int:
+        t = self._t(values)
+        stmt = sa.update(t).where(t.c[self.key] == record_key).values({t.c[k]: v for k, v in values.items()})
+        return conn.execute(stmt).rowcount
+
+    def delete(self, conn, record_key: str) -> int:
+        t = self._t([])
+        return conn.execute(sa.delete(t).where(t.c[self.key] == record_key)).rowcount
+
+    def insert(self, conn, values: dict[str, object]) -> str | None:
+        """Insert a record; returns its key (RETURNING where the database has it)."""
+        t = self._t(values)
+        stmt = sa.insert(t).values({t.c[k]: v for k, v in values.items()})
+        if self.c.engine.dialect.insert_returning:
+            row = conn.execute(stmt.returning(t.c[self.key])).fetchone()
+            return None if row is None or row[0] is None else str(row[0])
+        result = conn.execute(stmt)
+        pk = result.inserted_primary_key
+        return str(pk[0]) if pk and pk[0] is not None else None

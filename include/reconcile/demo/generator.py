@@ -142,6 +142,8 @@ DEMO_CONFIG = """\
 version: 1
 warehouse: warehouse/reconcile.duckdb      # relative to this file
 schedule: "0 2 * * *"
+load:
+  mode: apply                              # a new config defaults to dry_run; the demo writes back
 defaults:
   phone_region: US
 systems:
@@ -152,6 +154,7 @@ systems:
   marketing:
     url: sqlite:///systems/marketing.db
     unique: [email]
+    writes: {create: true}                 # reconcile may create contacts here for eligible CRM contacts
   erp:
     url: sqlite:///systems/erp.db
 entities:

@@ -174,6 +174,10 @@ def resolve(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dic
     con.execute("BEGIN TRANSACTION")
     try:
         _build_records(con, cfg, entity)
+        # An erased person's records are never given a new xid (linked ones stay on the erased xid).
+        con.execute(f"""DELETE FROM _recs WHERE {r.unlinked('_recs')} AND EXISTS (
+                            SELECT 1 FROM identity.erased_records e WHERE e.entity = ? AND e.system = _recs.system
+                            AND e.record_key = _recs.record_key)""", [entity])
         _apply_decisions(r)
         _load_distinct(r)
         for round_no in (1, 2):

@@ -261,6 +261,14 @@ def default_identities_sql(cfg: Config, entity: str, system: str) -> str:
             f"FROM {staging_table(system, entity)}")
 
 
+def golden_identities_sql(cfg: Config, entity: str, owner: str | None = None) -> str:
+    """Identities as golden records: the values that would be written, with the records behind each xid."""
+    cols = ", ".join(f"g.{q(f)}" for f in cfg.entities[entity].fields)
+    return (f"SELECT g.xid AS identity, (SELECT list(struct_pack(system := x.system, record_key := x.record_key) "
+            f"ORDER BY x.system, x.record_key) FROM identity.xref x WHERE x.entity = {sql_literal(entity)} "
+            f"AND x.xid = g.xid) AS records, {cols} FROM golden.{entity} g")
+
+
 def _sql_type(ftype: str) -> str:
     return {"string": "VARCHAR", "boolean": "BOOLEAN", "integer": "BIGINT", "number": "DOUBLE", "date": "DATE",
             "timestamp": "TIMESTAMP"}[ftype]

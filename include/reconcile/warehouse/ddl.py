@@ -143,6 +143,52 @@ TABLES = [
         applied_run_id VARCHAR,           -- the run that applied it (decisions apply on the next run)
         applied_at TIMESTAMP
     )""",
+    """CREATE TABLE IF NOT EXISTS audit.changes (
+        change_id VARCHAR NOT NULL,       -- deterministic from run, target, record, field, operation
+        run_id VARCHAR NOT NULL,
+        entity VARCHAR NOT NULL,
+        target VARCHAR NOT NULL,          -- the system written to
+        record_key VARCHAR,               -- the target's record (NULL for a create until it is applied)
+        xid VARCHAR,
+        operation VARCHAR NOT NULL,       -- create | update | link | archive | erase
+        field VARCHAR,                    -- canonical field ('_xid' for link, '*' for whole-record operations)
+        column_name VARCHAR,              -- the target's column
+        before_value VARCHAR,             -- canonical value the target held at extraction
+        after_value VARCHAR,              -- canonical golden value
+        after_raw VARCHAR,                -- what is written, in the target's representation (JSON for create)
+        status VARCHAR NOT NULL,          -- planned | held | blocked | dry_run | rejected | applying | applied
+                                          --   | failed | skipped_conflict | rolled_back
+        reason VARCHAR,
+        lineage VARCHAR,                  -- the golden value's source (system:record (rule))
+        expected JSON,                    -- optimistic concurrency: the target's values at extraction
+        before_image JSON,                -- the target's values just before the write (for rollback)
+        applied_at TIMESTAMP,
+        error VARCHAR,
+        load_attempt VARCHAR,             -- which load wrote it
+        PRIMARY KEY (change_id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS audit.approvals (
+        run_id VARCHAR NOT NULL,
+        entity VARCHAR NOT NULL,
+        target VARCHAR NOT NULL,
+        required BOOLEAN NOT NULL,        -- a change count is over its threshold
+        reasons JSON,
+        decision VARCHAR,                 -- approved | rejected | NULL (none yet)
+        decided_by VARCHAR,
+        decided_at TIMESTAMP,
+        note VARCHAR,
+        PRIMARY KEY (run_id, entity, target)
+    )""",
+    """CREATE TABLE IF NOT EXISTS audit.write_ledger (
+        entity VARCHAR NOT NULL,
+        target VARCHAR NOT NULL,
+        record_key VARCHAR NOT NULL,
+        column_name VARCHAR NOT NULL,
+        value_hash VARCHAR NOT NULL,      -- md5 of the value written: our own writes are recognised on extract
+        change_id VARCHAR NOT NULL,
+        run_id VARCHAR NOT NULL,
+        written_at TIMESTAMP NOT NULL
+    )""",
     """CREATE TABLE IF NOT EXISTS identity.xids (
         xid VARCHAR PRIMARY KEY,          -- minted once (UUIDv7), never reused
         entity VARCHAR NOT NULL,

@@ -1,0 +1,233 @@
+"""Plan: golden records + xref + each target's staged state -> audit.changes (what each system needs).
+
+Every planned change is justified by ownership (only fields configured with `send_to` the target; never a
+field the target owns), eligibility, and the golden value's lineage. Then, per target, in order:
+  held    - the identity is held by the collision guard, or the change would break the target's `unique:`
+            rules in its planned state (two creates with one email; an update to an email another has);
+  blocked - an error-level quality gate failed on a system involved (audit.write_blocks);
+  planned - everything else: loaded if the target's change counts are within its thresholds, or approved.
+Set-based: one INSERT ... SELECT per operation and target.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from ..config.expressions import to_duckdb_sql
+from ..config.models import DEFAULT_CHANGE_THRESHOLDS, Config
+from ..transforms import quote_ident as q, sql_literal
+from .extract import staging_table
+from .golden import golden_table, lineage_table
+
+STAGE = "plan"
+OPERATIONS = ("create", "update", "link", "archive", "erase")
+
+
+def _reverse(expr: str, steps) -> str:
+    """Canonical value -> the value the target stores (inverse of its value map; else the canonical text)."""
+    maps = [s for s in steps if s.name == "map"]
+    text = f"CAST({expr} AS VARCHAR)"
+    if not maps:
+        return text
+    inverse: dict[str, str] = {}
+    for k, v in sorted(maps[-1].mapping.items()):
+        inverse.setdefault(sql_literal(v), k)
+    whens = " ".join(f"WHEN {v} THEN {sql_literal(k)}" for v, k in inverse.items())
+    return f"(CASE {text} {whens} ELSE {text} END)"
+
+
+def _exists(con, schema: str, table: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+                            [schema, table]).fetchone()[0])
+
+
+def plan(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
+    """Write this run's changes for every target into audit.changes. Idempotent per run id."""
+    done = con.execute("SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = ?",
+                       [run_id, entity, STAGE]).fetchone()
+    if done:
+        return json.loads(done[0])
+    ent = cfg.entities[entity]
+    gt = golden_table(entity)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("DELETE FROM audit.changes WHERE run_id = ? AND entity = ?", [run_id, entity])
+        con.execute("DELETE FROM audit.approvals WHERE run_id = ? AND entity = ?", [run_id, entity])
+        has_golden = _exists(con, "golden", entity)
+        for target in sorted(ent.sources):
+            if not _exists(con, "staging", f"{target}__{entity}"):
+                continue
+            _plan_target(con, cfg, entity, target, run_id, run_at, has_golden)
+        summary = _thresholds(con, cfg, entity, run_id, run_at)
+        con.execute("INSERT INTO audit.stage_runs VALUES (?, ?, ?, ?, ?)",
+                    [run_id, entity, STAGE, run_at, json.dumps(summary)])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return summary
+
+
+def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at: datetime, has_golden: bool) -> None:
+    ent = cfg.entities[entity]
+    sysconf = cfg.systems[target]
+    source = ent.sources[target]
+    st = staging_table(target, entity)
+    e, t, r = sql_literal(entity), sql_literal(target), sql_literal(run_id)
+    elig = f"({to_duckdb_sql(ent.eligibility[target], column_prefix='g')})" if target in ent.eligibility else "TRUE"
+    mod_col = source.modified_at
+    # What the load checks before writing (optimistic concurrency): the modified time as the system holds it,
+    # or, without one, every mapped column.
+    watched = [mod_col] if mod_col else [m.column for m in source.fields.values()]
+    expected = "to_json(struct_pack(" + ", ".join(f"{q(c)} := s.{q('_raw_' + c)}" for c in watched) + "))"
+    inserts = []
+
+    def change_id(key_expr: str, field_expr: str, op: str) -> str:
+        return (f"substr(md5({r} || '|' || {t} || '|' || {key_expr} || '|' || {field_expr} || '|' || '{op}'), 1, 20)")
+
+    if has_golden:
+        lt = lineage_table(entity)
+        for fname, mapping in source.fields.items():
+            field = ent.fields[fname]
+            if target not in field.send_to:
+                continue
+            after_raw = _reverse(f"g.{q(fname)}", mapping.steps)
+            blank_ok = "TRUE" if sysconf.writes.blanks_overwrite else f"g.{q(fname)} IS NOT NULL"
+            inserts.append(f"""
+                SELECT {change_id('x.record_key', sql_literal(fname), 'update')} AS change_id, {r}, {e}, {t},
+                       x.record_key, g.xid, 'update', {sql_literal(fname)}, {sql_literal(mapping.column)},
+                       CAST(s.{q(fname)} AS VARCHAR), CAST(g.{q(fname)} AS VARCHAR), {after_raw},
+                       'planned', {sql_literal(f'{fname} is owned by {field.owner}; {target} holds another value')},
+                       (SELECT l.source_system || ':' || l.source_record_key || ' (' || l.rule || ')' FROM {lt} l
+                        WHERE l.xid = g.xid AND l.field = {sql_literal(fname)} AND l.valid_to IS NULL LIMIT 1),
+                       {expected}, NULL, NULL, NULL, NULL
+                FROM {golden_table(entity)} g
+                JOIN identity.xref x ON x.entity = {e} AND x.xid = g.xid AND x.system = {t}
+                JOIN {st} s ON s._record_key = x.record_key
+                WHERE g.{q(fname)} IS DISTINCT FROM s.{q(fname)} AND {blank_ok} AND {elig}""")
+        if sysconf.writes.create:
+            cols = [(f, m) for f, m in source.fields.items() if ent.fields[f].owner != target]
+            values = ", ".join(f"{q(m.column)} := {_reverse(f'g.{q(f)}', m.steps)}" for f, m in cols)
+            if sysconf.xid_column:
+                values += f", {q(sysconf.xid_column)} := g.xid"
+            inserts.append(f"""
+                SELECT {change_id('g.xid', "'*'", 'create')}, {r}, {e}, {t}, NULL, g.xid, 'create', NULL, NULL,
+                       NULL, NULL, CAST(to_json(struct_pack({values})) AS VARCHAR), 'planned',
+                       {sql_literal(f'eligible for {target} and no record there yet')}, NULL, NULL, NULL, NULL, NULL, NULL
+                FROM {golden_table(entity)} g
+                WHERE {elig}
+                  AND NOT EXISTS (SELECT 1 FROM identity.xref x WHERE x.entity = {e} AND x.xid = g.xid AND x.system = {t})""")
+    if sysconf.xid_column:
+        inserts.append(f"""
+            SELECT {change_id('x.record_key', "'_xid'", 'link')}, {r}, {e}, {t}, x.record_key, x.xid, 'link', '_xid',
+                   {sql_literal(sysconf.xid_column)}, s._xid, x.xid, x.xid, 'planned',
+                   'store the cross-system id so the next run matches by stored id', NULL, {expected},
+                   NULL, NULL, NULL, NULL
+            FROM identity.xref x JOIN {st} s ON s._record_key = x.record_key
+            JOIN identity.xids i ON i.xid = x.xid AND i.status = 'active'
+            WHERE x.entity = {e} AND x.system = {t} AND s._xid IS DISTINCT FROM x.xid
+              AND x.xid NOT IN (SELECT xid FROM identity.erasures WHERE entity = {e})""")
+    arch = sysconf.writes.archive
+    if arch is not None:
+        creators = [s for s in ent.sources if cfg.systems[s].creates_identity]
+        present = " UNION ".join(
+            f"SELECT x2.xid FROM identity.xref x2 JOIN {staging_table(s, entity)} s2 ON s2._record_key = x2.record_key "
+            f"WHERE x2.entity = {e} AND x2.system = {sql_literal(s)}" for s in creators
+            if _exists(con, "staging", f"{s}__{entity}")) or "SELECT NULL::VARCHAR AS xid WHERE FALSE"
+        op_field = "'*'" if arch.hard_delete else sql_literal(arch.column or "")
+        inserts.append(f"""
+            SELECT {change_id('x.record_key', op_field, 'archive')}, {r}, {e}, {t}, x.record_key, x.xid, 'archive',
+                   {op_field}, {sql_literal(arch.column) if arch.column else 'NULL'}, NULL, NULL,
+                   {'NULL' if arch.hard_delete else sql_literal(arch.value)}, 'planned',
+                   'its identity is gone from every identity source', NULL, {expected}, NULL, NULL, NULL, NULL
+            FROM identity.xref x JOIN {st} s ON s._record_key = x.record_key
+            WHERE x.entity = {e} AND x.system = {t} AND x.xid NOT IN ({present})
+              AND x.xid IN (SELECT xid FROM identity.xref WHERE entity = {e}
+                            AND system IN ({', '.join(sql_literal(c) for c in creators) or 'NULL'}))
+              AND NOT EXISTS (SELECT 1 FROM audit.changes c WHERE c.entity = {e} AND c.target = {t}
+                              AND c.record_key = x.record_key AND c.operation = 'archive' AND c.status = 'applied')""")
+    inserts.append(f"""
+        SELECT {change_id('x.record_key', "'*'", 'erase')}, {r}, {e}, {t}, x.record_key, x.xid, 'erase', '*', NULL,
+               NULL, NULL, {sql_literal(sysconf.writes.erase)}, 'planned', 'erasure request ' || er.request_id, NULL,
+               NULL, NULL, NULL, NULL, NULL
+        FROM identity.erasures er JOIN identity.xref x ON x.entity = er.entity AND x.xid = er.xid AND x.system = {t}
+        JOIN {st} s ON s._record_key = x.record_key
+        WHERE er.entity = {e}
+          AND NOT EXISTS (SELECT 1 FROM audit.changes c WHERE c.entity = {e} AND c.target = {t}
+                          AND c.record_key = x.record_key AND c.operation = 'erase' AND c.status = 'applied')""")
+    for sql in inserts:
+        con.execute(f"INSERT INTO audit.changes {sql}")
+
+    # Erased people get nothing but their erasure.
+    con.execute(f"""UPDATE audit.changes SET status = 'held', reason = 'erasure requested: only the erasure is written'
+                    WHERE run_id = {r} AND entity = {e} AND target = {t} AND operation <> 'erase'
+                      AND xid IN (SELECT xid FROM identity.erasures WHERE entity = {e})""")
+    # Collision guard: nothing about a held identity is written to that target.
+    con.execute(f"""UPDATE audit.changes c SET status = 'held', reason = h.reason || ' (review item ' || h.item_id || ')'
+                    FROM audit.holds h
+                    WHERE c.run_id = {r} AND c.entity = {e} AND c.target = {t} AND c.status = 'planned'
+                      AND h.run_id = c.run_id AND h.entity = c.entity AND h.target = c.target AND h.identity = c.xid""")
+    # Failed error gates: every write into the target, or writes of the failing system's fields.
+    con.execute(f"""UPDATE audit.changes c SET status = 'blocked', reason = b.reason
+                    FROM audit.write_blocks b
+                    WHERE c.run_id = {r} AND c.entity = {e} AND c.target = {t} AND c.status = 'planned'
+                      AND b.run_id = c.run_id AND b.entity = c.entity AND b.target = c.target
+                      AND (b.field = '*' OR b.field = c.field)""")
+    # Target-rule pre-check: the target's unique fields in its planned state.
+    for ufield in sysconf.unique:
+        if ufield not in source.fields:
+            continue
+        col = source.fields[ufield].column
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE _planned_state AS
+            WITH upd AS (SELECT record_key, after_value FROM audit.changes
+                         WHERE run_id = {r} AND entity = {e} AND target = {t} AND status = 'planned'
+                           AND operation = 'update' AND field = {sql_literal(ufield)})
+            SELECT s._record_key AS record_key, NULL::VARCHAR AS change_id,
+                   lower(coalesce(u.after_value, CAST(s.{q(ufield)} AS VARCHAR))) AS v,
+                   u.record_key IS NOT NULL AS changed
+            FROM {st} s LEFT JOIN upd u ON u.record_key = s._record_key
+            UNION ALL
+            SELECT NULL, change_id, lower(CAST(after_raw AS JSON)->>{sql_literal(col)}), TRUE FROM audit.changes
+            WHERE run_id = {r} AND entity = {e} AND target = {t} AND status = 'planned' AND operation = 'create'
+        """)
+        con.execute(f"""
+            UPDATE audit.changes c SET status = 'held',
+                   reason = 'would break the unique {ufield} rule of {target}: ' || p.v || ' would be held by '
+                            || p.n || ' records'
+            FROM (SELECT v, count(*) AS n FROM _planned_state WHERE v IS NOT NULL GROUP BY v HAVING count(*) > 1) p
+            WHERE c.run_id = {r} AND c.entity = {e} AND c.target = {t} AND c.status = 'planned'
+              AND ((c.operation = 'update' AND c.field = {sql_literal(ufield)} AND lower(c.after_value) = p.v)
+                OR (c.operation = 'create' AND lower(CAST(c.after_raw AS JSON)->>{sql_literal(col)}) = p.v))
+        """)
+
+
+def _thresholds(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
+    """Per target: counts by operation and status; whether the load needs approval (audit.approvals)."""
+    ent = cfg.entities[entity]
+    out: dict[str, dict] = {}
+    rows = con.execute("""SELECT target, operation, status, count(*) FROM audit.changes
+                          WHERE run_id = ? AND entity = ? GROUP BY ALL ORDER BY ALL""", [run_id, entity]).fetchall()
+    for target, op, status, n in rows:
+        t = out.setdefault(target, {"planned": 0, "held": 0, "blocked": 0, "by_operation": {}})
+        t["by_operation"].setdefault(op, {})[status] = n
+        if status in t:
+            t[status] += n
+    for target, t in out.items():
+        size = con.execute(f"SELECT count(*) FROM {staging_table(target, entity)}").fetchone()[0]
+        limits = ent.gates.for_system(target).changes
+        reasons = []
+        for op, default in DEFAULT_CHANGE_THRESHOLDS.items():
+            n = t["by_operation"].get(op, {}).get("planned", 0)
+            lim = limits.get(op)
+            max_n = lim.max if lim and lim.max is not None else default["max"]
+            share = lim.max_share if lim and lim.max_share is not None else default["max_share"]
+            if n > max_n:
+                reasons.append(f"{n} {op}s > max {max_n}")
+            elif size and n > share * size and n > 0:
+                reasons.append(f"{n} {op}s > {share:.0%} of {size} records")
+        t["needs_approval"] = bool(reasons)
+        t["approval_reasons"] = reasons
+        con.execute("INSERT INTO audit.approvals VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL, NULL)",
+                    [run_id, entity, target, bool(reasons), json.dumps(reasons)])
+    return {"targets": out}
