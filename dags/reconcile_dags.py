@@ -1,8 +1,12 @@
 """Nightly reconciliation: one DAG per configured entity (`reconcile_<entity>`), built from reconcile.yaml.
 
-Each run extracts every source system of the entity in parallel, then loads them into the warehouse's
-staging tables (`staging.<system>__<entity>`, declared as Assets so downstream DAGs can run when staging
-is fresh), and finally records the run in `audit.runs` and publishes the warehouse file analysts read.
+Each run extracts every source system of the entity in parallel, loads them into the warehouse's staging
+tables (`staging.<system>__<entity>`, declared as Assets so downstream DAGs can run when staging is fresh),
+validates every staging table in parallel (Great Expectations) and applies the quality gates, links records
+across systems to persistent ids (`identity.xref`), holds identities that would collide in a target system,
+builds the golden records (`golden.<entity>`, also an Asset), and finally records the run in `audit.runs` and
+publishes the warehouse file analysts read. A run whose gates hold or block writes ends `blocked`: visible in
+its summary, not a failure.
 
 * Config: `$RECONCILE_CONFIG`, default `config/reconcile.yaml` under the repository root.
 * Trigger with `{"full": true}` to force a full snapshot of every source instead of an incremental read.
@@ -28,10 +32,12 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "reconcile.
 
 log = logging.getLogger("reconcile")
 
+# The warehouse stages are deterministic and already wait for the warehouse lock themselves: one quick retry
+# covers a killed worker; more would only delay reporting a real failure.
 DEFAULT_ARGS = {
     "owner": "reconcile",
-    "retries": 2,
-    "retry_delay": timedelta(minutes=2),
+    "retries": 1,
+    "retry_delay": timedelta(seconds=30),
 }
 # Sources are other teams' production systems: ride out restarts and brief outages before failing the run.
 EXTRACT_RETRIES = {
@@ -57,8 +63,8 @@ def read_config() -> Config:
     return load_config(path)
 
 
-def staging_asset(system: str, entity: str) -> Asset:
-    table = f"staging.{system}__{entity}"
+def table_asset(table: str, entity: str) -> Asset:
+    """A warehouse table as an Asset: stable name = the table, so analysts' DAGs can schedule on it."""
     return Asset(name=table, uri=f"reconcile://{entity}/{table}", group="reconcile")
 
 
@@ -73,8 +79,14 @@ def _connection_urls(cfg: Config, system: str) -> dict[str, str] | None:
 
 
 def build_dag(cfg: Config, entity: str):
-    """The DAG `reconcile_<entity>`: begin_run -> extract (one mapped task per system) -> load_staging -> finish_run."""
+    """The DAG `reconcile_<entity>`, the same stages in the same order as `runner.run_entity` (the CLI).
+
+    begin_run -> extract[system] -> load_staging -> validate[system] -> apply_gates -> resolve_identity
+    -> guard_collisions -> build_golden -> finish_run; [system] is one mapped task instance per source system,
+    named after it in the UI. Every body is one library call with plain values read from the task context.
+    """
     systems = sorted(cfg.entities[entity].sources)
+    per_system = {"map_index_template": "{{ task.op_kwargs['system'] }}"}
 
     @dag(
         dag_id=f"reconcile_{entity}",
@@ -97,20 +109,50 @@ def build_dag(cfg: Config, entity: str):
                                         full=True if ctx["params"]["full"] else None)
             return {system: plan["mode"] for system, plan in manifest["systems"].items()}
 
-        @task(**EXTRACT_RETRIES)
+        @task(**per_system, **EXTRACT_RETRIES)
         def extract(system: str) -> dict:
             from reconcile import runner
 
             return runner.extract_system(cfg, entity, system, get_current_context()["run_id"],
                                          url_overrides=_connection_urls(cfg, system), progress=log.info)
 
-        @task(outlets=[staging_asset(system, entity) for system in systems])
+        @task(outlets=[table_asset(f"staging.{system}__{entity}", entity) for system in systems])
         def load_staging() -> dict:
             from reconcile import runner
 
             return runner.load_staging(cfg, entity, get_current_context()["run_id"], progress=log.info)
 
-        @task(trigger_rule=TriggerRule.ALL_DONE)
+        @task(**per_system)
+        def validate(system: str) -> dict:
+            from reconcile import runner
+
+            return runner.validate_system(cfg, entity, system, get_current_context()["run_id"], progress=log.info)
+
+        @task
+        def apply_gates() -> dict:
+            from reconcile import runner
+
+            return runner.apply_gates(cfg, entity, get_current_context()["run_id"], progress=log.info)
+
+        @task
+        def resolve_identity() -> dict:
+            from reconcile import runner
+
+            return runner.resolve_identity(cfg, entity, get_current_context()["run_id"], progress=log.info)
+
+        @task
+        def guard_collisions() -> dict:
+            from reconcile import runner
+
+            return runner.guard_collisions(cfg, entity, get_current_context()["run_id"], progress=log.info)
+
+        @task(outlets=[table_asset(f"golden.{entity}", entity)])
+        def build_golden() -> dict:
+            from reconcile import runner
+
+            return runner.build_golden(cfg, entity, get_current_context()["run_id"], progress=log.info)
+
+        @task(trigger_rule=TriggerRule.ALL_DONE)  # always runs: a failed run is recorded, then fails visibly
         def finish_run() -> dict:
             from airflow.sdk.exceptions import AirflowFailException
             from reconcile import runner
@@ -118,16 +160,21 @@ def build_dag(cfg: Config, entity: str):
             ctx = get_current_context()
             ti, run_id = ctx["ti"], ctx["run_id"]
             states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id]).get(run_id, {})
-            failed = sorted(t for t, s in states.items() if t != ti.task_id and s not in ("success", "skipped"))
-            error = f"upstream task(s) did not succeed: {', '.join(failed)}" if failed else None
-            summary = runner.finish_run(cfg, entity, run_id, status="failed" if failed else "success",
+            bad = {t: s for t, s in states.items() if t != ti.task_id and s not in ("success", "skipped")}
+            failed = sorted(t for t, s in bad.items() if s == "failed") or sorted(bad)  # the cause, not the fallout
+            error = f"task(s) failed: {', '.join(failed)}" if bad else None
+            summary = runner.finish_run(cfg, entity, run_id, status="failed" if bad else "success",
                                         error=error, progress=log.info)
             if summary["status"] == "failed":
                 ti.xcom_push(key="summary", value=summary)
                 raise AirflowFailException(f"reconcile run {run_id} of {entity} failed: {summary.get('error')}")
+            if summary["status"] == "blocked":  # gates held writes back on purpose: visible, not a failure
+                log.warning("run %s of %s is blocked: held %s, blocked %s", run_id, entity,
+                            summary["gates"].get("held"), summary["gates"].get("blocked"))
             return summary
 
-        begin_run() >> extract.expand(system=systems) >> load_staging() >> finish_run()
+        (begin_run() >> extract.expand(system=systems) >> load_staging() >> validate.expand(system=systems)
+         >> apply_gates() >> resolve_identity() >> guard_collisions() >> build_golden() >> finish_run())
 
     return reconcile_entity()
 

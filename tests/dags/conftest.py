@@ -40,8 +40,7 @@ def _airflow_test_env() -> str:
 AIRFLOW_HOME = _airflow_test_env()
 
 
-def parse_dags(config: Path | str | None, monkeypatch: pytest.MonkeyPatch):
-    """A DagBag of our dags folder parsed with RECONCILE_CONFIG=config (unset when None). Needs no DB."""
+def _parse_dags(config: Path | str | None, monkeypatch: pytest.MonkeyPatch):
     from airflow.dag_processing.dagbag import DagBag
 
     if config is None:
@@ -49,6 +48,14 @@ def parse_dags(config: Path | str | None, monkeypatch: pytest.MonkeyPatch):
     else:
         monkeypatch.setenv("RECONCILE_CONFIG", str(config))
     return DagBag(dag_folder=str(DAGS_FOLDER))
+
+
+@pytest.fixture
+def parse_dags(monkeypatch):
+    """parse_dags(config) -> a DagBag of our dags folder parsed with RECONCILE_CONFIG=config (unset when None).
+
+    Needs no metadata DB: parsing must never touch one."""
+    return lambda config: _parse_dags(config, monkeypatch)
 
 
 @cache
@@ -60,7 +67,7 @@ def demo_dag_bag():
     atexit.register(shutil.rmtree, root, True)
     config = Path(init_demo(root, people=40)["config"])
     with pytest.MonkeyPatch.context() as mp:
-        return parse_dags(config, mp), config
+        return _parse_dags(config, mp), config
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

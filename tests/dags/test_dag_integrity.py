@@ -9,11 +9,16 @@ from datetime import timedelta
 
 import pytest
 import yaml
-from conftest import DAG_FILE, DAGS_FOLDER, REPO, parse_dags
+from pathlib import Path
 
 from reconcile.config import load_config
 
-TASK_IDS = {"begin_run", "extract", "load_staging", "finish_run"}
+REPO = Path(__file__).resolve().parents[2]
+DAG_FILE = REPO / "dags" / "reconcile_dags.py"
+
+# The same stages in the same order as runner.run_entity; [system] tasks are mapped.
+CHAIN = ["begin_run", "extract", "load_staging", "validate", "apply_gates", "resolve_identity", "guard_collisions",
+         "build_golden", "finish_run"]
 # Never imported when the DAG file is parsed: the dag processor parses every few seconds.
 HEAVY_MODULES = {"duckdb", "pyarrow", "pandas", "great_expectations", "reconcile.runner", "reconcile.warehouse",
                  "reconcile.stages", "reconcile.connectors"}
@@ -49,27 +54,27 @@ def test_dag_tasks(dag_bag, demo_config, dag_id):
     dag = dag_bag.dags[dag_id]
     entity = dag_id.removeprefix("reconcile_")
     systems = sorted(cfg.entities[entity].sources)
-    assert set(dag.task_ids) == TASK_IDS
+    assert set(dag.task_ids) == set(CHAIN)
 
-    extract = dag.get_task("extract")
-    assert isinstance(extract, MappedOperator), "extraction must be one mapped task instance per system"
-    # TaskFlow keeps expand(...) kwargs under op_kwargs_expand_input; this accessor covers both kinds.
-    assert extract._get_specified_expand_input().value == {"system": systems}
+    extract, validate = dag.get_task("extract"), dag.get_task("validate")
+    for mapped in (extract, validate):  # one task instance per system, in parallel, named after it in the UI
+        assert isinstance(mapped, MappedOperator), f"{mapped.task_id} must be mapped over the systems"
+        # TaskFlow keeps expand(...) kwargs under op_kwargs_expand_input; this accessor covers both kinds.
+        assert mapped._get_specified_expand_input().value == {"system": systems}
+        assert "system" in mapped.map_index_template
     assert extract.retries == 3
     assert extract.retry_exponential_backoff > 0
     assert extract.max_retry_delay and extract.max_retry_delay <= timedelta(hours=1)
 
-    # begin_run -> extract[*] -> load_staging -> finish_run
-    assert dag.get_task("begin_run").downstream_task_ids == {"extract"}
-    assert extract.downstream_task_ids == {"load_staging"}
-    assert dag.get_task("load_staging").downstream_task_ids == {"finish_run"}
-    finish = dag.get_task("finish_run")
-    assert finish.trigger_rule == "all_done", "finish_run must record failed runs too"
-    assert not finish.downstream_task_ids
+    for task_id, following in zip(CHAIN, CHAIN[1:] + [None]):
+        assert dag.get_task(task_id).downstream_task_ids == ({following} if following else set()), task_id
+    assert dag.get_task("finish_run").trigger_rule == "all_done", "finish_run must record failed runs too"
+    assert all(dag.get_task(t).trigger_rule == "all_success" for t in CHAIN[:-1])
 
     outlets = dag.get_task("load_staging").outlets
     assert sorted(a.name for a in outlets) == [f"staging.{s}__{entity}" for s in systems]
     assert sorted(a.uri for a in outlets) == [f"reconcile://{entity}/staging.{s}__{entity}" for s in systems]
+    assert [a.name for a in dag.get_task("build_golden").outlets] == [f"golden.{entity}"]
 
 
 def test_parse_time_and_no_heavy_imports(demo_config):
@@ -98,17 +103,17 @@ def test_dagbag_parse_duration(dag_bag):
     assert stat.duration < timedelta(seconds=2)
 
 
-def test_missing_config_is_a_clear_import_error(tmp_path, monkeypatch):
+def test_missing_config_is_a_clear_import_error(tmp_path, parse_dags):
     missing = tmp_path / "nowhere" / "reconcile.yaml"
-    bag = parse_dags(missing, monkeypatch)
+    bag = parse_dags(missing)
     assert not bag.dag_ids
     (error,) = bag.import_errors.values()
     assert "RECONCILE_CONFIG" in error and str(missing) in error
 
 
-def test_default_config_path(monkeypatch):
+def test_default_config_path(parse_dags):
     default = REPO / "config" / "reconcile.yaml"
-    bag = parse_dags(None, monkeypatch)
+    bag = parse_dags(None)
     if default.is_file():
         assert not bag.import_errors
     else:
@@ -116,21 +121,21 @@ def test_default_config_path(monkeypatch):
         assert "RECONCILE_CONFIG" in error and str(default) in error
 
 
-def test_invalid_config_is_an_import_error(tmp_path, monkeypatch):
+def test_invalid_config_is_an_import_error(tmp_path, parse_dags):
     bad = tmp_path / "reconcile.yaml"
     bad.write_text("version: 1\nwarehouse: w.duckdb\nsystems: {}\nentities: {contact: {sources: {}}}\n")
-    bag = parse_dags(bad, monkeypatch)
+    bag = parse_dags(bad)
     (error,) = bag.import_errors.values()
     assert str(bad) in error
 
 
-def test_several_entities_and_no_schedule(demo_config, tmp_path, monkeypatch):
+def test_several_entities_and_no_schedule(demo_config, parse_dags):
     data = yaml.safe_load(demo_config.read_text())
     data["schedule"] = None
     data["entities"]["lead"] = data["entities"]["contact"]
     config = demo_config.parent / "two_entities.yaml"  # beside the demo: relative system paths still resolve
     config.write_text(yaml.safe_dump(data))
-    bag = parse_dags(config, monkeypatch)
+    bag = parse_dags(config)
     assert not bag.import_errors
     assert set(bag.dag_ids) == {"reconcile_contact", "reconcile_lead"}
     for dag in bag.dags.values():
