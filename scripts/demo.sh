@@ -47,22 +47,48 @@ else
 fi
 
 step "3/4 airflow dags test $DAG_ID (RECONCILE_CONFIG=$CONFIG)"
-echo "log: $LOG"
+echo "full log: $LOG"
 start=$SECONDS
-rc=0
-"$BIN/airflow" dags test "$DAG_ID" >"$LOG" 2>&1 || rc=$?
+# Show reconcile's progress lines live (the rest of Airflow's output goes to the log only).
+show_progress() {
+  local line msg
+  while IFS= read -r line; do
+    case "$line" in
+      *"[reconcile]"*)
+        msg="${line#*] }"; msg="${msg%%\[reconcile\]*}"; msg="${msg%"${msg##*[![:space:]]}"}"
+        echo "  $msg" ;;
+      *"new_state=up_for_retry"*) echo "  ! a task failed and will be retried after its retry delay (see the log)" ;;
+    esac
+  done
+}
+set +e
+PYTHONUNBUFFERED=1 "$BIN/airflow" dags test "$DAG_ID" 2>&1 | tee "$LOG" | show_progress
+rc=${PIPESTATUS[0]}
+set -e
 # `dags test` exits non-zero when the run failed, but check the run's final state as well.
 final="$(grep -o "DagRun Finished: dag_id=$DAG_ID, .*state=[a-z_]*" "$LOG" | tail -n 1 | grep -o 'state=[a-z_]*$' || true)"
 if [[ $rc -ne 0 || "$final" != "state=success" ]]; then
-  echo "--- last lines of $LOG" >&2
-  tail -n 40 "$LOG" >&2
+  # The first task error (the cause) and the run's own verdict, then the end of the log.
+  first="$(grep -n -m 1 "Task failed with exception" "$LOG" | cut -d: -f1 || true)"
+  if [[ -n "$first" ]]; then
+    echo "--- first task error:" >&2
+    awk -v s="$first" 'NR > s && !/^[[:space:]]/ && !/^Traceback/ {print; exit}' "$LOG" | cut -c1-400 >&2
+  fi
+  grep -o "reconcile run .* failed: .*" "$LOG" | tail -n 1 | cut -c1-400 >&2 || true
+  echo "--- last lines of the log:" >&2
+  tail -n 5 "$LOG" | cut -c1-300 >&2
   die "the DAG run of $DAG_ID did not succeed (exit $rc, ${final:-no final state logged}); full log: $LOG"
 fi
-grep -E "\[reconcile\]" "$LOG" | sed -E 's/^[^]]*\] *//; s/ +\[reconcile\].*$//; s/^/  /' || true
 echo "DAG run succeeded in $((SECONDS - start))s"
 
 step "4/4 Result"
 "$BIN/reconcile" status --config "$CONFIG" --limit 3
+status="$("$BIN/reconcile" status --config "$CONFIG" --json --limit 1 \
+  | "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)[0]["status"])')"
+if [[ "$status" == "blocked" ]]; then
+  echo "(blocked: the quality gates or the collision guard held some writes back for review, e.g. people"
+  echo " sharing one mailbox; nothing unsafe is written. The DAG run itself succeeded.)"
+fi
 WAREHOUSE="$DIR_ABS/warehouse/reconcile.duckdb"
 Q1="SELECT 'crm' AS system, count(*) AS records FROM staging.crm__contact UNION ALL SELECT 'marketing', count(*) FROM staging.marketing__contact UNION ALL SELECT 'erp', count(*) FROM staging.erp__contact"
 Q2="SELECT system, record_key, reason FROM audit.quarantine ORDER BY system"
@@ -70,8 +96,8 @@ cat <<MSG
 
 Warehouse (published, open it read-only): $WAREHOUSE
 Try, with the duckdb CLI:
-  duckdb -readonly $WAREHOUSE "$Q1"
-  duckdb -readonly $WAREHOUSE "$Q2"
+  duckdb -readonly "$WAREHOUSE" "$Q1"
+  duckdb -readonly "$WAREHOUSE" "$Q2"
 or without it:
   $BIN/python -c "import duckdb; duckdb.connect('$WAREHOUSE', read_only=True).sql(\"$Q1\").show()"
   $BIN/python -c "import duckdb; duckdb.connect('$WAREHOUSE', read_only=True).sql(\"$Q2\").show()"
