@@ -212,6 +212,10 @@ entities:
     eligibility:
       marketing: "email is not null and active"
       erp: "lifecycle = 'customer'"
+    gates:
+      changes:                               # the demo's first night fixes many records at once; a real
+        create: {max_share: 0.5}             # deployment keeps the conservative defaults (creates 20%,
+        update: {max_share: 0.5}             # updates 10%) and approves big first loads by hand
     match:                                   # identity rules, tried in order after stored IDs
       - name: email
         fields: [email]                      # exact, one-to-one only
