@@ -289,6 +289,7 @@ def _stage_source(con, cfg: Config, entity: str, system: str, source: SourceConf
                CAST({sql_literal(run_at.isoformat())} AS TIMESTAMP) AS _extracted_at, 'delete' AS _change
         FROM _deleted
     """)
+    echoes = _mark_echoes(con, history, entity, system, run_id, columns)
 
     # New current state: this run's good rows, plus earlier rows this extract did not replace or delete.
     con.execute(f"""
@@ -325,9 +326,32 @@ def _stage_source(con, cfg: Config, entity: str, system: str, source: SourceConf
     )
     for t in ("_ext", "_cand", "_good", "_deleted", "_next"):
         con.execute(f"DROP TABLE IF EXISTS {t}")
-    return {"mode": plan["mode"], "extracted": extracted, "quarantined": quarantined,
+    return {"mode": plan["mode"], "extracted": extracted, "quarantined": quarantined, "echoes": echoes,
             "accepted": extracted - quarantined, "staged": staged,
             "inserted": inserted, "updated": updated, "deleted": deleted}
+
+
+def _mark_echoes(con, history: str, entity: str, system: str, run_id: str, columns: list[str]) -> dict:
+    """Our own writes coming back: a new version is an echo (not a user edit) when every value reconcile last
+    wrote into that record (audit.write_ledger) is what the source now holds; a record we created is an
+    echo_insert. Counted apart, so they are neither user edits nor volume anomalies."""
+    raw_of = "CASE l.column_name " + " ".join(
+        f"WHEN {sql_literal(c)} THEN CAST(h.{q('_raw_' + c)} AS VARCHAR)" for c in columns) + " END"
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE _ledger AS
+        SELECT record_key, column_name, value_hash FROM (
+            SELECT *, row_number() OVER (PARTITION BY record_key, column_name ORDER BY written_at DESC) AS rn
+            FROM audit.write_ledger WHERE entity = ? AND target = ? AND run_id <> ?) WHERE rn = 1
+    """, [entity, system, run_id])
+    con.execute(f"""
+        UPDATE {history} h SET _change = CASE h._change WHEN 'insert' THEN 'echo_insert' ELSE 'echo' END
+        WHERE h._run_id = {sql_literal(run_id)} AND h._change IN ('insert', 'update')
+          AND h._record_key IN (SELECT record_key FROM _ledger)
+          AND NOT EXISTS (SELECT 1 FROM _ledger l WHERE l.record_key = h._record_key
+                          AND l.value_hash <> md5(coalesce({raw_of}, chr(0))))
+    """)
+    return dict(con.execute(f"""SELECT _change, count(*) FROM {history} WHERE _run_id = ? AND _change LIKE 'echo%'
+                                GROUP BY 1""", [run_id]).fetchall())
 
 
 def _add_missing_columns(con, table: str, like: str) -> None:
