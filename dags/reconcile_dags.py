@@ -3,10 +3,14 @@
 Each run extracts every source system of the entity in parallel, loads them into the warehouse's staging
 tables (`staging.<system>__<entity>`, declared as Assets so downstream DAGs can run when staging is fresh),
 validates every staging table in parallel (Great Expectations) and applies the quality gates, links records
-across systems to persistent ids (`identity.xref`), holds identities that would collide in a target system,
-builds the golden records (`golden.<entity>`, also an Asset), and finally records the run in `audit.runs` and
-publishes the warehouse file analysts read. A run whose gates hold or block writes ends `blocked`: visible in
-its summary, not a failure.
+across systems to persistent ids (`identity.xref`), builds the golden records (`golden.<entity>`, also an
+Asset), holds identities that would collide in a target system, plans the changes per target system
+(`audit.changes`) and loads each target whose changes may be written (config `load.mode: apply`, thresholds
+approved); finally it records the run in `audit.runs` and publishes the warehouse file analysts read.
+
+A run can end `blocked` (writes held back), `awaiting_approval` (a load over a threshold: its `load` task is
+skipped; `reconcile approve` approves and loads it) or `dry_run`: all by design, not failures. Nothing in this
+DAG waits for a person.
 
 * Config: `$RECONCILE_CONFIG`, default `config/reconcile.yaml` under the repository root.
 * Trigger with `{"full": true}` to force a full snapshot of every source instead of an incremental read.
@@ -82,8 +86,9 @@ def build_dag(cfg: Config, entity: str):
     """The DAG `reconcile_<entity>`, the same stages in the same order as `runner.run_entity` (the CLI).
 
     begin_run -> extract[system] -> load_staging -> validate[system] -> apply_gates -> resolve_identity
-    -> guard_collisions -> build_golden -> finish_run; [system] is one mapped task instance per source system,
-    named after it in the UI. Every body is one library call with plain values read from the task context.
+    -> build_golden -> guard_collisions -> plan_changes -> load[target] -> finish_run; [system] and [target] are
+    one mapped task instance per system, named after it in the UI. Every body is one library call with plain
+    values read from the task context (load first asks the library whether the target may be written).
     """
     systems = sorted(cfg.entities[entity].sources)
     per_system = {"map_index_template": "{{ task.op_kwargs['system'] }}"}
@@ -140,17 +145,37 @@ def build_dag(cfg: Config, entity: str):
 
             return runner.resolve_identity(cfg, entity, get_current_context()["run_id"], progress=log.info)
 
+        @task(outlets=[table_asset(f"golden.{entity}", entity)])
+        def build_golden() -> dict:
+            from reconcile import runner
+
+            return runner.build_golden(cfg, entity, get_current_context()["run_id"], progress=log.info)
+
         @task
         def guard_collisions() -> dict:
             from reconcile import runner
 
             return runner.guard_collisions(cfg, entity, get_current_context()["run_id"], progress=log.info)
 
-        @task(outlets=[table_asset(f"golden.{entity}", entity)])
-        def build_golden() -> dict:
+        @task
+        def plan_changes() -> dict:
             from reconcile import runner
 
-            return runner.build_golden(cfg, entity, get_current_context()["run_id"], progress=log.info)
+            return runner.plan_changes(cfg, entity, get_current_context()["run_id"], progress=log.info)
+
+        @task(map_index_template="{{ task.op_kwargs['target'] }}")
+        def load(target: str) -> dict:
+            from airflow.sdk.exceptions import AirflowSkipException
+            from reconcile import runner
+
+            run_id = get_current_context()["run_id"]
+            state = runner.targets_to_load(cfg, entity, run_id)[target]
+            if state != "ok":  # awaiting_approval, rejected, dry_run, nothing: shown as skipped, never written
+                hint = (f"; `reconcile approve --run '{run_id}' --entity {entity} --target {target} --by NAME` "
+                        f"approves and loads it" if state == "awaiting_approval" else "")
+                raise AirflowSkipException(f"not loading {target}: {state}{hint}")
+            return runner.load_changes(cfg, entity, run_id, target, url_overrides=_connection_urls(cfg, target),
+                                       progress=log.info)
 
         @task(trigger_rule=TriggerRule.ALL_DONE)  # always runs: a failed run is recorded, then fails visibly
         def finish_run() -> dict:
@@ -168,13 +193,14 @@ def build_dag(cfg: Config, entity: str):
             if summary["status"] == "failed":
                 ti.xcom_push(key="summary", value=summary)
                 raise AirflowFailException(f"reconcile run {run_id} of {entity} failed: {summary.get('error')}")
-            if summary["status"] == "blocked":  # gates held writes back on purpose: visible, not a failure
-                log.warning("run %s of %s is blocked: held %s, blocked %s", run_id, entity,
-                            summary["gates"].get("held"), summary["gates"].get("blocked"))
+            if summary["status"] != "success":  # blocked, awaiting_approval, dry_run: by design, not failures
+                log.warning("run %s of %s ended %s: see its summary (changes, gates)", run_id, entity,
+                            summary["status"])
             return summary
 
         (begin_run() >> extract.expand(system=systems) >> load_staging() >> validate.expand(system=systems)
-         >> apply_gates() >> resolve_identity() >> guard_collisions() >> build_golden() >> finish_run())
+         >> apply_gates() >> resolve_identity() >> build_golden() >> guard_collisions() >> plan_changes()
+         >> load.expand(target=systems) >> finish_run())
 
     return reconcile_entity()
 

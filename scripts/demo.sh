@@ -83,12 +83,18 @@ echo "DAG run succeeded in $((SECONDS - start))s"
 
 step "4/4 Result"
 "$BIN/reconcile" status --config "$CONFIG" --limit 3
-status="$("$BIN/reconcile" status --config "$CONFIG" --json --limit 1 \
-  | "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)[0]["status"])')"
-if [[ "$status" == "blocked" ]]; then
-  echo "(blocked: the quality gates or the collision guard held some writes back for review, e.g. people"
-  echo " sharing one mailbox; nothing unsafe is written. The DAG run itself succeeded.)"
-fi
+read -r status run_id < <("$BIN/reconcile" status --config "$CONFIG" --json --limit 1 \
+  | "$BIN/python" -c 'import json, sys; r = json.load(sys.stdin)[0]; print(r["status"], r["run_id"])')
+case "$status" in
+  blocked)
+    echo "(blocked: the quality gates or the collision guard held some writes back for review, e.g. people"
+    echo " sharing one mailbox; nothing unsafe was written. The DAG run itself succeeded.)" ;;
+  awaiting_approval)
+    echo "(awaiting_approval: a load exceeds a safety threshold, so its load task was skipped. To approve and"
+    echo " load it: $BIN/reconcile approve --config $CONFIG --run '$run_id' --by \$USER)" ;;
+  dry_run)
+    echo "(dry_run: changes were planned into audit.changes but nothing was written: load.mode is dry_run)" ;;
+esac
 WAREHOUSE="$DIR_ABS/warehouse/reconcile.duckdb"
 Q1="SELECT 'crm' AS system, count(*) AS records FROM staging.crm__contact UNION ALL SELECT 'marketing', count(*) FROM staging.marketing__contact UNION ALL SELECT 'erp', count(*) FROM staging.erp__contact"
 Q2="SELECT system, record_key, reason FROM audit.quarantine ORDER BY system"

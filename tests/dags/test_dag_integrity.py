@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 DAG_FILE = REPO / "dags" / "reconcile_dags.py"
 
 # The same stages in the same order as runner.run_entity; [system] tasks are mapped.
-CHAIN = ["begin_run", "extract", "load_staging", "validate", "apply_gates", "resolve_identity", "guard_collisions",
-         "build_golden", "finish_run"]
+CHAIN = ["begin_run", "extract", "load_staging", "validate", "apply_gates", "resolve_identity", "build_golden",
+         "guard_collisions", "plan_changes", "load", "finish_run"]
 # Never imported when the DAG file is parsed: the dag processor parses every few seconds.
 HEAVY_MODULES = {"duckdb", "pyarrow", "pandas", "great_expectations", "reconcile.runner", "reconcile.warehouse",
                  "reconcile.stages", "reconcile.connectors"}
@@ -56,12 +56,13 @@ def test_dag_tasks(dag_bag, demo_config, dag_id):
     systems = sorted(cfg.entities[entity].sources)
     assert set(dag.task_ids) == set(CHAIN)
 
-    extract, validate = dag.get_task("extract"), dag.get_task("validate")
-    for mapped in (extract, validate):  # one task instance per system, in parallel, named after it in the UI
-        assert isinstance(mapped, MappedOperator), f"{mapped.task_id} must be mapped over the systems"
+    extract = dag.get_task("extract")
+    for task_id, arg in (("extract", "system"), ("validate", "system"), ("load", "target")):
+        mapped = dag.get_task(task_id)  # one task instance per system, in parallel, named after it in the UI
+        assert isinstance(mapped, MappedOperator), f"{task_id} must be mapped over the systems"
         # TaskFlow keeps expand(...) kwargs under op_kwargs_expand_input; this accessor covers both kinds.
-        assert mapped._get_specified_expand_input().value == {"system": systems}
-        assert "system" in mapped.map_index_template
+        assert mapped._get_specified_expand_input().value == {arg: systems}
+        assert arg in mapped.map_index_template
     assert extract.retries == 3
     assert extract.retry_exponential_backoff > 0
     assert extract.max_retry_delay and extract.max_retry_delay <= timedelta(hours=1)

@@ -57,8 +57,10 @@ def test_dag_run_stages_every_system(airflow_db, dags_for, tmp_path, monkeypatch
     assert quarantined == QUARANTINE_EXPECTED
     status, summary = con.execute("SELECT status, summary FROM audit.runs WHERE run_id = ? AND entity = 'contact'",
                                   [dr.run_id]).fetchone()
-    # The demo's shared mailbox makes the collision guard hold writes: "blocked" is a successful DAG run.
-    assert status in ("success", "blocked")
+    # The demo holds shared mailboxes (held writes) and loads over thresholds: successful DAG runs all the same.
+    assert status in ("success", "blocked", "awaiting_approval")
+    loads = {ti.map_index: str(ti.state) for ti in dr.get_task_instances() if ti.task_id == "load"}
+    assert sorted(loads) == [0, 1, 2] and set(loads.values()) <= {"success", "skipped"}
     assert json.loads(summary)["extracted"] == {s: records[s] for s in SYSTEMS}
     assert all(mode == "full" for mode in json.loads(summary)["extract_mode"].values())
 
