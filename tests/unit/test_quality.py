@@ -60,7 +60,7 @@ def test_good_table_passes_every_expectation(gate_cfg):
         "key_unique": True, "key_not_null": True, "required:first_name": True, "email_format:email": True,
         "picklist:lifecycle": True, "freshness": True, "volume": True, "duplicate_rate:email": True,
         "quarantine_rate": True}
-    assert results["volume"]["threshold"] == {"min_value": 0, "max_value": 11, "baseline_median": 4.0}
+    assert results["volume"]["threshold"] == {"min_value": 0, "max_value": 11, "baseline_median": 4.0, "echo_inserts": 0}
     assert results["freshness"]["gx_expectation"] == "expect_column_max_to_be_between"
 
 
