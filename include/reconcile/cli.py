@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `reconcile changes | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
     except Exception as e:  # an internal error: say so plainly; the traceback only on request
         if os.environ.get("RECONCILE_DEBUG"):
             raise

@@ -64,6 +64,8 @@ REJECTIONS = [
     ("canonical field not declared", ("first_name: firstname", "nickname: firstname"),
      "entities.contact.sources.marketing.fields.nickname", "not a canonical field"),
     ("bad schedule", ('schedule: "0 2 * * *"', 'schedule: "every night"'), "schedule", "cron"),
+    ("unknown phone region", ("transform: phone}", "transform: {phone: {region: XX}}}"),
+     "entities.contact.sources.crm.fields.phone.transform", "unknown phone region 'XX'"),
 ]
 REJECTIONS[3] = (
     "owner/send_to system with no source for the entity",
@@ -151,9 +153,9 @@ def test_url_env_and_airflow_connection_resolution(write_config, monkeypatch):
         resolve_url(cfg, "crm")
     with pytest.raises(ReconcileError, match="AIRFLOW_CONN_MARKETING_DB"):
         resolve_url(cfg, "marketing")
-    monkeypatch.setenv("CRM_DB_URL", "postgresql://reader@db/crm")
+    monkeypatch.setenv("CRM_DB_URL", "postgres://reader@db/crm")  # how Airflow renders a postgres connection
     monkeypatch.setenv("AIRFLOW_CONN_MARKETING_DB", "mysql+pymysql://u:p@h/m")
-    assert resolve_url(cfg, "crm") == "postgresql://reader@db/crm"
+    assert resolve_url(cfg, "crm") == "postgresql+psycopg2://reader@db/crm"
     assert resolve_url(cfg, "marketing") == "mysql+pymysql://u:p@h/m"
     assert resolve_url(cfg, "crm", overrides={"crm": "sqlite:///x.db"}).endswith("/x.db")
 

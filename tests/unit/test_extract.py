@@ -177,3 +177,11 @@ def test_query_source_and_batches(project):
     s = runner.run_entity(cfg, "contact", run_id="r1", run_at=T0)
     assert s["extracted"]["marketing"] == 2
     assert rows(cfg, "SELECT _record_key FROM staging.marketing__contact ORDER BY 1") == [("1",), ("2",)]
+
+
+def test_missing_sqlite_file_is_reported_not_created(project):
+    (project / "systems" / "marketing.db").unlink()
+    cfg = load_config(project / "reconcile.yaml")
+    with pytest.raises(SystemUnreachable, match="marketing.db does not exist"):
+        runner.run_entity(cfg, "contact", run_id="r1", run_at=T0)
+    assert not (project / "systems" / "marketing.db").exists()

@@ -42,7 +42,16 @@ def resolve_url(cfg: Config, system: str, overrides: Mapping[str, str] | None = 
     return _absolutize_sqlite(url, cfg.base_dir)
 
 
+# Airflow renders some connection types with scheme names SQLAlchemy 2 does not accept, or without a driver
+# this project installs: map them to the installed drivers.
+_SCHEMES = {"postgres": "postgresql+psycopg2", "postgresql": "postgresql+psycopg2", "mysql": "mysql+pymysql",
+            "mariadb": "mysql+pymysql"}
+
+
 def _absolutize_sqlite(url: str, base: Path) -> str:
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in _SCHEMES:
+        url = f"{_SCHEMES[scheme]}://{rest}"
     u = make_url(url)
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" and not u.database.startswith("file:"):
         p = Path(u.database).expanduser()

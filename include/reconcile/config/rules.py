@@ -20,8 +20,30 @@ _PRESETS = {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@yearly", "@an
 Issue = tuple[tuple, str]
 
 
-def check_rules(cfg: Config) -> list[Issue]:
+def _check_regions(cfg: Config) -> list[Issue]:
+    import phonenumbers
+
+    known = phonenumbers.SUPPORTED_REGIONS
     issues: list[Issue] = []
+    places = [(("defaults", "phone_region"), cfg.defaults.phone_region)]
+    places += [(("systems", s, "phone_region"), c.phone_region) for s, c in cfg.systems.items() if c.phone_region]
+    for e, ent in cfg.entities.items():
+        for s, src in ent.sources.items():
+            for f, m in src.fields.items():
+                try:
+                    steps = m.steps
+                except ValueError:
+                    continue
+                places += [(("entities", e, "sources", s, "fields", f, "transform"), st.region)
+                           for st in steps if st.name == "phone" and st.region]
+    for path, region in places:
+        if region not in known:
+            issues.append((path, f"unknown phone region {region!r}; use an ISO 3166 code such as US, GB, DE"))
+    return issues
+
+
+def check_rules(cfg: Config) -> list[Issue]:
+    issues: list[Issue] = _check_regions(cfg)
     issues += _check_names(cfg)
     issues += _check_schedule(cfg)
     issues += _check_systems(cfg)

@@ -22,6 +22,13 @@ class SqlConnector:
     def __init__(self, system: str, url: str):
         self.system = system
         self._url = url
+        u = sa.engine.make_url(url)
+        if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" \
+                and not u.database.startswith("file:"):
+            from pathlib import Path
+
+            if not Path(u.database).is_file():  # SQLite would silently create an empty database
+                raise SystemUnreachable(f"system {system!r}: SQLite database file {u.database} does not exist")
         try:
             self.engine = sa.create_engine(url, poolclass=NullPool)
         except Exception as e:  # bad driver name, missing DBAPI, malformed URL

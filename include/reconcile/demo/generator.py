@@ -679,7 +679,7 @@ def init_demo(directory: str | Path, people: int = 200, seed: int = 7, force: bo
         if existing:
             raise FileExistsError(
                 f"refusing to overwrite existing demo files: {', '.join(existing)} "
-                "(choose another directory, or use force to replace them)")
+                "(choose another directory, or pass --force to replace them)")
 
     builder = _Builder(random.Random(seed))
     _special_people(builder)

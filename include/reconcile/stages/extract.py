@@ -22,14 +22,11 @@ from ..config.models import Config, SourceConfig
 from ..connectors import connect
 from ..errors import ReconcileError
 from ..transforms import EMAIL_PATTERN, apply_steps, quote_ident as q, sql_literal
+from ..warehouse import staging_table
 
 STAGE = "extract"
 
 _TYPE_SQL = {"boolean": "BOOLEAN", "integer": "BIGINT", "number": "DOUBLE", "date": "DATE"}
-
-
-def staging_table(system: str, entity: str) -> str:
-    return f"staging.{system}__{entity}"
 
 
 def source_columns(source: SourceConfig, xid_column: str | None = None) -> list[str]:
@@ -132,6 +129,9 @@ def _typed(expr: str, ftype: str) -> str:
         return expr
     if ftype == "timestamp":
         return f"TRY_CAST(TRY_CAST({expr} AS TIMESTAMPTZ) AS TIMESTAMP)"
+    if ftype == "integer":  # never round: '12.5' is not an integer (quarantined), '12.0' is 12
+        return (f"(CASE WHEN TRY_CAST({expr} AS DOUBLE) = floor(TRY_CAST({expr} AS DOUBLE)) "
+                f"THEN TRY_CAST(TRY_CAST({expr} AS DOUBLE) AS BIGINT) END)")
     return f"TRY_CAST({expr} AS {_TYPE_SQL[ftype]})"
 
 

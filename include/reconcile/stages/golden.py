@@ -24,7 +24,7 @@ from typing import Any
 from ..config.models import Config, EntityConfig
 from ..errors import ReconcileError
 from ..transforms import quote_ident as q, sql_literal
-from .extract import staging_table
+from ..warehouse import staging_table
 
 STAGE = "golden"
 

@@ -22,7 +22,7 @@ from datetime import datetime
 from ..config.models import Config
 from ..errors import ReconcileError
 from ..transforms import quote_ident as q, sql_literal
-from .extract import staging_table
+from ..warehouse import staging_table
 
 STAGE = "identity"
 KINDS = ("candidate", "orphan", "duplicate", "conflict")

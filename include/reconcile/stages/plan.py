@@ -16,7 +16,7 @@ from datetime import datetime
 from ..config.expressions import to_duckdb_sql
 from ..config.models import DEFAULT_CHANGE_THRESHOLDS, Config
 from ..transforms import quote_ident as q, sql_literal
-from .extract import staging_table
+from ..warehouse import staging_table
 from .golden import golden_table, lineage_table
 
 STAGE = "plan"

@@ -23,7 +23,7 @@ from typing import Any
 from ..config.expressions import to_duckdb_sql
 from ..config.models import DEFAULT_SEVERITY, Config, GateOverrides
 from ..transforms import EMAIL_PATTERN, quote_ident as q, sql_literal
-from .extract import staging_table
+from ..warehouse import staging_table
 
 STAGE = "gates"
 DEFAULTS = {"history_runs": 7, "max_growth": 0.5, "max_shrink": 0.3, "tolerance_rows": 5,

@@ -26,9 +26,14 @@ from ..errors import ReconcileError
 from ..transforms import register_functions
 from .ddl import ensure_schema
 
-__all__ = ["open_work", "publish", "open_published", "run_dir", "ensure_schema", "safe_name"]
+__all__ = ["open_work", "publish", "open_published", "run_dir", "ensure_schema", "safe_name", "staging_table"]
 
 LOCK_WAIT_SECONDS = 1800
+
+
+def staging_table(system: str, entity: str) -> str:
+    """The staging table of one system's entity, e.g. staging.crm__contact."""
+    return f"staging.{system}__{entity}"
 
 
 def safe_name(run_id: str) -> str:
