@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # `make demo`: fresh demo systems -> project-local Airflow -> one run of the reconcile_contact DAG -> summary.
 #
-# Usage: bash scripts/demo.sh [DIR]   (default DIR: demo). Re-runnable: every call regenerates the demo
-# systems and the warehouse; the Airflow metadata DB (SQLite under $AIRFLOW_HOME) is migrated only when new
-# or when the installed Airflow version changed.
+# Usage: bash scripts/demo.sh [DIR]   (default: demo; relative to the repository root). Re-runnable: every
+# call regenerates the demo systems and the warehouse; the Airflow metadata DB (SQLite in .airflow/) is
+# migrated only when new or when the installed Airflow version changed.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,11 +25,13 @@ DIR_ABS="$(cd "$DIR" && pwd)"
 CONFIG="$DIR_ABS/reconcile.yaml"
 
 step "2/4 Project-local Airflow"
-export AIRFLOW_HOME="${AIRFLOW_HOME:-$ROOT/.airflow}"
+# Always project-local (even if the shell exports AIRFLOW_HOME or a database for another Airflow): the demo
+# must never read or migrate anything but its own .airflow/airflow.db.
+export AIRFLOW_HOME="$ROOT/.airflow"
 export AIRFLOW__CORE__DAGS_FOLDER="$ROOT/dags"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
-# Pinned here so a shell that points Airflow at another database can never be touched by the demo.
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="sqlite:///$AIRFLOW_HOME/airflow.db"
+unset AIRFLOW_CONFIG
 export RECONCILE_CONFIG="$CONFIG"
 mkdir -p "$AIRFLOW_HOME"
 LOG="$AIRFLOW_HOME/demo-dags-test.log"
