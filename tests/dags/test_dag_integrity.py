@@ -6,17 +6,16 @@ import os
 import subprocess
 import sys
 from datetime import timedelta
-
-import pytest
-import yaml
 from pathlib import Path
+
+import yaml
 
 from reconcile.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_FILE = REPO / "dags" / "reconcile_dags.py"
 
-# The same stages in the same order as runner.run_entity; [system] tasks are mapped.
+# The same stages in the same order as runner.run_entity; extract, validate and load are mapped per system.
 CHAIN = ["begin_run", "extract", "load_staging", "validate", "apply_gates", "resolve_identity", "build_golden",
          "guard_collisions", "plan_changes", "load", "finish_run"]
 # Never imported when the DAG file is parsed: the dag processor parses every few seconds.
