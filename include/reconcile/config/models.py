@@ -233,7 +233,8 @@ class MatchRule(_Strict):
     type: Literal["exact", "probabilistic"] = "exact"
     fields: list[str]
     exact: list[str] = Field(default_factory=list)
-    block_on: list[str] = Field(default_factory=list)
+    # Candidate pairs share the normalised value of one entry: a field, or a list of fields (a composite key).
+    block_on: list[str | list[str]] = Field(default_factory=list)
     review_threshold: float = Field(default=0.85, ge=0, le=1)
     link_threshold: float | None = Field(default=None, ge=0, le=1)
 

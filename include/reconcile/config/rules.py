@@ -225,9 +225,10 @@ def _check_match(entity, ename: str, base: tuple) -> list[Issue]:
         if not rule.fields:
             issues.append((rpath + ("fields",), "a rule needs at least one field"))
         for key in ("fields", "exact", "block_on"):
-            for j, f in enumerate(getattr(rule, key)):
-                if f not in entity.fields:
-                    issues.append((rpath + (key, j), f"{f!r} is not a canonical field of entity {ename!r}"))
+            for j, entry in enumerate(getattr(rule, key)):
+                for f in (entry if isinstance(entry, list) else [entry]):
+                    if f not in entity.fields:
+                        issues.append((rpath + (key, j), f"{f!r} is not a canonical field of entity {ename!r}"))
         if rule.type == "probabilistic" and not rule.block_on:
             issues.append((rpath + ("block_on",), "a probabilistic rule needs block_on fields (so cost grows linearly)"))
         if rule.type == "exact" and (rule.block_on or rule.link_threshold is not None):

@@ -33,6 +33,8 @@ class SqlConnector:
             self.engine = sa.create_engine(url, poolclass=NullPool)
         except Exception as e:  # bad driver name, missing DBAPI, malformed URL
             raise SystemUnreachable(f"system {system!r} ({redact(url)}): cannot create engine: {e}") from None
+        if u.get_backend_name() == "sqlite":
+            _real_sqlite_transactions(self.engine)
 
     def _fail(self, what: str, err: Exception) -> SystemUnreachable:
         detail = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
@@ -86,6 +88,20 @@ class SqlConnector:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _real_sqlite_transactions(engine) -> None:
+    """pysqlite only begins a transaction at the first write, so each released SAVEPOINT would be its own
+    committed (fsynced) transaction. SQLAlchemy's documented recipe: let SQLAlchemy emit BEGIN itself, so a
+    batch is one transaction and per-record savepoints nest inside it."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn):
+        conn.exec_driver_sql("BEGIN")
 
 
 def _to_arrow(columns: list[str], rows: list) -> pa.Table:

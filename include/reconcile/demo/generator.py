@@ -223,7 +223,7 @@ entities:
         type: probabilistic                  # scored candidates go to review; no automatic link
         fields: [first_name, last_name, company, phone]
         exact: [phone]
-        block_on: [phone, last_name, company]
+        block_on: [phone, [last_name, company], [first_name, company]]   # exact on one key
         review_threshold: 0.85
 """
 

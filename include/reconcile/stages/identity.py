@@ -36,7 +36,9 @@ def _match_fields(cfg: Config, entity: str) -> list[str]:
     ent = cfg.entities[entity]
     fields: list[str] = []
     for rule in ent.match:
-        fields += rule.fields + rule.exact + rule.block_on
+        fields += rule.fields + rule.exact
+        for entry in rule.block_on:
+            fields += entry if isinstance(entry, list) else [entry]
     return list(dict.fromkeys(fields))
 
 
@@ -119,17 +121,22 @@ class _Run:
             WHERE NOT EXISTS (SELECT 1 FROM _distinct d WHERE d.system = c.system AND d.record_key = c.record_key
                                                           AND d.xid = c.xid)
         """)
-        con.execute(f"""
+        # Materialised one step at a time: DuckDB's planner otherwise misjudges these small joins badly.
+        con.execute("CREATE OR REPLACE TEMP TABLE _per_record AS "
+                    "SELECT system, record_key, count(DISTINCT xid) AS n FROM _cand GROUP BY system, record_key")
+        con.execute("CREATE OR REPLACE TEMP TABLE _per_xid AS "
+                    "SELECT xid, system, count(DISTINCT record_key) AS n FROM _cand GROUP BY xid, system")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _taken AS SELECT DISTINCT xid, system FROM identity.xref "
+                    f"WHERE entity = {e}")
+        con.execute("""
             CREATE OR REPLACE TEMP TABLE _cand_ok AS
-            WITH per_record AS (SELECT system, record_key, count(DISTINCT xid) AS n FROM _cand GROUP BY ALL),
-                 per_xid AS (SELECT xid, system, count(DISTINCT record_key) AS n FROM _cand GROUP BY ALL)
             SELECT c.system, c.record_key, c.xid, min(c.rule) AS rule, max(c.confidence) AS confidence
             FROM _cand c
-            JOIN per_record pr USING (system, record_key)
-            JOIN per_xid px USING (xid, system)
-            WHERE pr.n = 1 AND px.n = 1
-              AND NOT EXISTS (SELECT 1 FROM identity.xref x WHERE x.entity = {e} AND x.xid = c.xid AND x.system = c.system)
-            GROUP BY ALL
+            JOIN _per_record pr ON pr.system = c.system AND pr.record_key = c.record_key AND pr.n = 1
+            JOIN _per_xid px ON px.xid = c.xid AND px.system = c.system AND px.n = 1
+            LEFT JOIN _taken t ON t.xid = c.xid AND t.system = c.system
+            WHERE t.xid IS NULL
+            GROUP BY c.system, c.record_key, c.xid
         """)
         return self.link_from("SELECT system, record_key, xid, rule, confidence FROM _cand_ok")
 
@@ -294,11 +301,15 @@ def _probabilistic_rule(r: _Run, rule) -> None:
         else:
             sims.append(f"CASE WHEN a.{q(f)} IS NULL OR b.{q(f)} IS NULL THEN NULL "
                         f"ELSE jaro_winkler_similarity(a.{q(f)}, b.{q(f)}) END")
-    blocks = " UNION ".join(
-        f"""SELECT a.system AS a_system, a.record_key AS a_key, b.system AS b_system, b.record_key AS b_key
-            FROM _recs a JOIN _recs b ON a.{q(bf)} = b.{q(bf)} AND a.system <> b.system
-            WHERE a.{q(bf)} IS NOT NULL AND {r.unlinked('a')}"""
-        for bf in rule.block_on)
+    def block(entry) -> str:
+        fs = entry if isinstance(entry, list) else [entry]
+        on = " AND ".join(f"a.{q(f)} = b.{q(f)}" for f in fs)
+        return (f"""SELECT a.system AS a_system, a.record_key AS a_key, b.system AS b_system, b.record_key AS b_key
+                    FROM _unl a JOIN _recs b ON {on} AND a.system <> b.system""")
+
+    # Only unlinked records are compared, each against records of other systems sharing a blocking key.
+    r.con.execute(f"CREATE OR REPLACE TEMP TABLE _unl AS SELECT * FROM _recs rec WHERE {r.unlinked('rec')}")
+    blocks = " UNION ".join(block(entry) for entry in rule.block_on)
     evidence = "struct_pack(" + ", ".join(
         f"{q(f)} := struct_pack(a := a.{q(f)}, b := b.{q(f)}, similarity := round(({s}), 3))"
         for f, s in zip(rule.fields, sims)) + ")"

@@ -170,35 +170,49 @@ def _apply_group(writer: SqlWriter, conn, g: dict, current: dict, watched: list[
 
 
 def _record(con, entity: str, target: str, run_id: str, outcomes: list[dict]) -> None:
+    """Commit a batch's outcomes here in three set-based statements (statuses, new links, ledger)."""
+    import pandas as pd
+
     now = _now()
+    frame = pd.DataFrame([{
+        "change_id": o["change_id"], "status": o["status"], "error": o.get("error"),
+        "before_image": json.dumps(o["before_image"]) if o.get("before_image") else None,
+        "new_key": o.get("record_key"),
+    } for o in outcomes], columns=["change_id", "status", "error", "before_image", "new_key"])
+    ledger = pd.DataFrame([{"change_id": o["change_id"], "column_name": col, "value_hash": _hash(val)}
+                           for o in outcomes if o["status"] == "applied"
+                           for col, val in (o.get("written") or {}).items()],
+                          columns=["change_id", "column_name", "value_hash"])
+    con.register("_outcomes", frame)
+    con.register("_written", ledger)
     con.execute("BEGIN TRANSACTION")
     try:
-        for o in outcomes:
-            con.execute("""UPDATE audit.changes SET status = ?, error = ?, before_image = ?, applied_at = ?,
-                                  record_key = coalesce(record_key, ?)
-                           WHERE change_id = ?""",
-                        [o["status"], o.get("error"), json.dumps(o.get("before_image")) if o.get("before_image") else None,
-                         now if o["status"] == "applied" else None, o.get("record_key"), o["change_id"]])
-            if o["status"] == "applied" and o.get("record_key"):
-                # A record we created is ours for certain: link it now, so the next run never creates it twice.
-                con.execute("""INSERT INTO identity.xref
-                               SELECT xid, entity, target, ?, 'created', 1.0, run_id, ? FROM audit.changes
-                               WHERE change_id = ? AND operation = 'create' ON CONFLICT DO NOTHING""",
-                            [o["record_key"], now, o["change_id"]])
-                con.execute("""INSERT INTO identity.xref_history
-                               SELECT entity, xid, target, ?, 'link', 'created', 1.0, NULL, run_id, ?, 'created by reconcile'
-                               FROM audit.changes WHERE change_id = ? AND operation = 'create'""",
-                            [o["record_key"], now, o["change_id"]])
-            if o["status"] == "applied":
-                key = o.get("record_key") or con.execute("SELECT record_key FROM audit.changes WHERE change_id = ?",
-                                                          [o["change_id"]]).fetchone()[0]
-                for col, val in (o.get("written") or {}).items():
-                    con.execute("INSERT INTO audit.write_ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                [entity, target, key or "", col, _hash(val), o["change_id"], run_id, now])
+        con.execute("""UPDATE audit.changes c SET status = o.status, error = o.error,
+                              before_image = CAST(o.before_image AS JSON),
+                              applied_at = CASE WHEN o.status = 'applied' THEN ?::TIMESTAMP END,
+                              record_key = coalesce(c.record_key, o.new_key)
+                       FROM _outcomes o WHERE c.change_id = o.change_id""", [now])
+        # A record we created is ours for certain: link it now, so the next run never creates it twice.
+        con.execute("""INSERT INTO identity.xref
+                       SELECT c.xid, c.entity, c.target, c.record_key, 'created', 1.0, c.run_id, ?
+                       FROM audit.changes c JOIN _outcomes o USING (change_id)
+                       WHERE c.operation = 'create' AND o.status = 'applied' AND c.record_key IS NOT NULL
+                       ON CONFLICT DO NOTHING""", [now])
+        con.execute("""INSERT INTO identity.xref_history
+                       SELECT c.entity, c.xid, c.target, c.record_key, 'link', 'created', 1.0, NULL, c.run_id, ?,
+                              'created by reconcile'
+                       FROM audit.changes c JOIN _outcomes o USING (change_id)
+                       WHERE c.operation = 'create' AND o.status = 'applied' AND c.record_key IS NOT NULL""", [now])
+        con.execute("""INSERT INTO audit.write_ledger
+                       SELECT ?, ?, coalesce(c.record_key, ''), w.column_name, w.value_hash, w.change_id, ?, ?
+                       FROM _written w JOIN audit.changes c USING (change_id)""", [entity, target, run_id, now])
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
+    finally:
+        con.unregister("_outcomes")
+        con.unregister("_written")
 
 
 def _resume(con, writer: SqlWriter, entity: str, target: str, run_id: str) -> None:
