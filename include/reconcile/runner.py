@@ -377,6 +377,7 @@ def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", e
             summary["changes"] = _changes_summary(con, entity, run_id)
         if error:
             summary["error"] = error
+        _sync_health_counts(con, cfg, entity, run_id)
         con.execute(
             "UPDATE audit.runs SET status = ?, finished_at = ?, error = ?, summary = ? WHERE run_id = ? AND entity = ?",
             [status, utc_naive(datetime.now(timezone.utc)), error, json.dumps(summary), run_id, entity],
@@ -385,6 +386,30 @@ def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", e
     progress(f"published {path}")
     _prune_run_dirs(cfg)
     return summary
+
+
+def _sync_health_counts(con, cfg: Config, entity: str, run_id: str) -> None:
+    """Identity, review and change counts per system into audit.sync_health (trends to plot and alert on)."""
+    for system in sorted(cfg.entities[entity].sources):
+        table = f"{system}__{entity}"
+        if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'staging' "
+                           "AND table_name = ?", [table]).fetchone()[0]:
+            continue
+        con.execute(f"""
+            UPDATE audit.sync_health SET
+                linked_records = (SELECT count(*) FROM staging.{table} s JOIN identity.xref x
+                                  ON x.entity = $e AND x.system = $s AND x.record_key = s._record_key),
+                unlinked_records = (SELECT count(*) FROM staging.{table} s ANTI JOIN identity.xref x
+                                    ON x.entity = $e AND x.system = $s AND x.record_key = s._record_key),
+                review_open = (SELECT count(*) FROM review.items WHERE entity = $e AND system = $s AND status = 'open'),
+                changes_planned = (SELECT count(*) FROM audit.changes WHERE run_id = $r AND entity = $e AND target = $s),
+                changes_applied = (SELECT count(*) FROM audit.changes WHERE run_id = $r AND entity = $e AND target = $s
+                                   AND status = 'applied'),
+                changes_failed = (SELECT count(*) FROM audit.changes WHERE run_id = $r AND entity = $e AND target = $s
+                                  AND status = 'failed'),
+                changes_held = (SELECT count(*) FROM audit.changes WHERE run_id = $r AND entity = $e AND target = $s
+                                AND status IN ('held', 'blocked', 'rejected'))
+            WHERE run_id = $r AND entity = $e AND system = $s""", {"r": run_id, "e": entity, "s": system})
 
 
 def _prune_run_dirs(cfg: Config) -> None:

@@ -97,6 +97,13 @@ TABLES = [
         gates_warned INTEGER,
         gates_failed INTEGER,
         held BIGINT,                      -- identities held back from writes into this system
+        linked_records BIGINT,            -- records of this system carrying an xid after the run
+        unlinked_records BIGINT,          -- records still waiting for an identity (in review)
+        review_open BIGINT,               -- open review items about this system
+        changes_planned BIGINT,           -- changes planned into this system
+        changes_applied BIGINT,
+        changes_failed BIGINT,
+        changes_held BIGINT,              -- held, blocked or rejected
         PRIMARY KEY (run_id, entity, system)
     )""",
     """CREATE TABLE IF NOT EXISTS audit.holds (
