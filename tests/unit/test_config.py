@@ -64,6 +64,8 @@ REJECTIONS = [
     ("canonical field not declared", ("first_name: firstname", "nickname: firstname"),
      "entities.contact.sources.marketing.fields.nickname", "not a canonical field"),
     ("bad schedule", ('schedule: "0 2 * * *"', 'schedule: "every night"'), "schedule", "cron"),
+    ("send_to a query source", ("        table: contacts\n", "        query: select * from contacts\n"),
+     "entities.contact.fields.first_name.send_to[0]", "reconcile writes only to a 'table'"),
     ("unknown phone region", ("transform: phone}", "transform: {phone: {region: XX}}}"),
      "entities.contact.sources.crm.fields.phone.transform", "unknown phone region 'XX'"),
 ]

@@ -163,11 +163,24 @@ def _check_entity(cfg: Config, ename: str) -> list[Issue]:
                                f"{fname!r} is owned by {target!r}; a field is never sent to the system that owns it"))
             else:
                 issues += _check_system_ref(entity, ename, fname, target, fpath + ("send_to", i), systems, sources)
+        for i, target in enumerate(field.send_to):
+            src = entity.sources.get(target)
+            if src is not None and src.table is None:
+                issues.append((fpath + ("send_to", i),
+                               f"{target!r} reads entity {ename!r} through a query; reconcile writes only to a 'table'"))
         if len(set(field.send_to)) != len(field.send_to):
             issues.append((fpath + ("send_to",), "lists a system twice"))
         issues += _check_strategy(entity, ename, fname, fpath, systems, sources)
 
     issues += _check_gates(entity, base + ("gates",), systems, sources)
+    for sname, source in entity.sources.items():
+        w = cfg.systems[sname].writes if sname in cfg.systems else None
+        if w is not None and (w.create or w.archive) and source.table is None:
+            issues.append((("systems", sname, "writes"),
+                           f"{sname!r} reads entity {ename!r} through a query; creates and archives need a 'table'"))
+        if w is not None and w.archive is not None and not w.archive.hard_delete and not w.archive.column:
+            issues.append((("systems", sname, "writes", "archive"),
+                           "set 'column' and 'value' for a soft delete, or 'hard_delete: true'"))
     issues += _check_match(entity, ename, base)
     field_types = {f: spec.type for f, spec in entity.fields.items()}
     for target, text in entity.eligibility.items():
