@@ -344,12 +344,13 @@ def _status(args) -> int:
     if not runs:
         print("no runs yet")
         return 0
-    print(f"{'run_id':<36} {'entity':<10} {'status':<8} {'finished (UTC)':<20} extracted / quarantined")
+    w = max(len("run_id"), *(len(r["run_id"]) for r in runs))
+    print(f"{'run_id':<{w}} {'entity':<10} {'status':<17} {'finished (UTC)':<20} extracted / quarantined")
     for r in runs:
         s = r["summary"] or {}
         counts = ", ".join(f"{k} {v}/{s.get('quarantined', {}).get(k, 0)}" for k, v in sorted(s.get("extracted", {}).items()))
         fin = r["finished_at"].strftime("%Y-%m-%d %H:%M:%S") if r["finished_at"] else "-"
-        print(f"{r['run_id']:<36} {r['entity']:<10} {r['status']:<8} {fin:<20} {counts}")
+        print(f"{r['run_id']:<{w}} {r['entity']:<10} {r['status']:<17} {fin:<20} {counts}")
     return 0
 
 
