@@ -62,6 +62,9 @@ def _read_manifest(cfg: Config, entity: str, run_id: str) -> dict:
 
 def begin_run(cfg: Config, entity: str, run_id: str, run_at: datetime, full: bool | None = None) -> dict:
     """Record the run and decide full/incremental extraction per source. Writes the run manifest."""
+    from .config.loader import ensure_expressions_checked
+
+    ensure_expressions_checked(cfg)
     cfg.entity(entity)
     run_at = utc_naive(run_at)
     edir = _entity_dir(cfg, run_id, entity)

@@ -167,3 +167,16 @@ def test_json_schema_describes_the_top_level_keys():
     assert {"version", "warehouse", "schedule", "systems", "entities"} <= set(schema["properties"])
     assert set(schema["required"]) == {"version", "warehouse", "systems", "entities"}
     json.dumps(schema)
+
+
+def test_fast_load_defers_expression_checks_to_begin_run(write_config, tmp_path):
+    from datetime import datetime
+
+    from reconcile import runner
+
+    path = write_config(BASE_CONFIG.replace('"email is not null and active"', '"nope(email)"'))
+    cfg = load_config(path, check_expressions=False)  # what a DAG file does at parse time
+    with pytest.raises(ConfigError) as exc:
+        runner.begin_run(cfg, "contact", "r1", datetime(2026, 1, 1))
+    assert "entities.contact.eligibility.marketing" in str(exc.value) and "nope()" in str(exc.value)
+    assert not (tmp_path / "warehouse").exists()  # nothing was touched

@@ -8,23 +8,29 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import sqlglot
-from sqlglot import exp
+from functools import lru_cache
 
-# Node types an eligibility expression may contain.
-_ALLOWED_NODES: tuple[type[exp.Expression], ...] = (
-    exp.And, exp.Or, exp.Not, exp.Paren, exp.Is, exp.Null, exp.Boolean, exp.Literal, exp.Column,
-    exp.Identifier, exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeEQ, exp.NullSafeNEQ,
-    exp.In, exp.Like, exp.ILike, exp.Between, exp.Neg, exp.Tuple,
-    # allow-listed functions
-    exp.Lower, exp.Upper, exp.Trim, exp.Coalesce, exp.Length,
-)
 ALLOWED_FUNCTIONS = ("lower", "upper", "trim", "coalesce", "length")
-# Top-level nodes that yield a boolean.
-_PREDICATES: tuple[type[exp.Expression], ...] = (
-    exp.And, exp.Or, exp.Not, exp.Is, exp.Boolean, exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE,
-    exp.NullSafeEQ, exp.NullSafeNEQ, exp.In, exp.Like, exp.ILike, exp.Between,
-)
+
+
+@lru_cache(maxsize=1)
+def _nodes():
+    """(allowed node types, boolean-valued node types). sqlglot is imported lazily: it is slow to import,
+    and a DAG file parses the config often."""
+    from sqlglot import exp
+
+    allowed = (
+        exp.And, exp.Or, exp.Not, exp.Paren, exp.Is, exp.Null, exp.Boolean, exp.Literal, exp.Column,
+        exp.Identifier, exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeEQ, exp.NullSafeNEQ,
+        exp.In, exp.Like, exp.ILike, exp.Between, exp.Neg, exp.Tuple,
+        # allow-listed functions
+        exp.Lower, exp.Upper, exp.Trim, exp.Coalesce, exp.Length,
+    )
+    predicates = (
+        exp.And, exp.Or, exp.Not, exp.Is, exp.Boolean, exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE,
+        exp.NullSafeEQ, exp.NullSafeNEQ, exp.In, exp.Like, exp.ILike, exp.Between,
+    )
+    return allowed, predicates
 
 
 def check_expression(text: str, fields: dict[str, str]) -> list[str]:
@@ -36,6 +42,10 @@ def check_expression(text: str, fields: dict[str, str]) -> list[str]:
         return ["must be a non-empty boolean expression"]
     if ";" in text:
         return ["must be a single expression: ';' is not allowed"]
+    import sqlglot
+    from sqlglot import exp
+
+    _ALLOWED_NODES, _PREDICATES = _nodes()
     try:
         parsed = [p for p in sqlglot.parse(text, read="duckdb") if p is not None]
     except sqlglot.errors.ParseError as e:
@@ -71,6 +81,9 @@ def check_expression(text: str, fields: dict[str, str]) -> list[str]:
 
 def to_duckdb_sql(text: str, column_prefix: str | None = None) -> str:
     """Render a checked expression as DuckDB SQL, optionally qualifying columns with a table alias."""
+    import sqlglot
+    from sqlglot import exp
+
     tree = sqlglot.parse_one(text, read="duckdb")
     if column_prefix:
         tree = tree.transform(

@@ -53,7 +53,7 @@ def _line(lines: dict[tuple, int], path: tuple) -> int | None:
 
 
 def parse_config(data: Any, source: str = "<config>", lines: dict[tuple, int] | None = None,
-                 path: Path | None = None) -> Config:
+                 path: Path | None = None, check_expressions: bool = True) -> Config:
     """Validate a config given as plain data. Raises ConfigError listing every problem."""
     lines = lines or {}
     if not isinstance(data, dict):
@@ -74,14 +74,32 @@ def parse_config(data: Any, source: str = "<config>", lines: dict[tuple, int] | 
             problems.append(Problem(_fmt(loc), msg, _line(lines, loc)))
         raise ConfigError(source, problems) from None
     cfg._path = path
-    problems = [Problem(_fmt(p), m, _line(lines, p)) for p, m in check_rules(cfg)]
+    problems = [Problem(_fmt(p), m, _line(lines, p)) for p, m in check_rules(cfg, expressions=check_expressions)]
     if problems:
         raise ConfigError(source, problems)
+    cfg._expressions_checked = check_expressions
+    cfg._lines = lines
     return cfg
 
 
-def load_config(path: str | os.PathLike) -> Config:
-    """Read and validate a config file. Relative paths inside it resolve against its folder."""
+def ensure_expressions_checked(cfg: Config) -> None:
+    """Parse eligibility expressions now if the config was loaded without (e.g. at DAG parse time)."""
+    if getattr(cfg, "_expressions_checked", True):
+        return
+    from .rules import check_expressions
+
+    lines = getattr(cfg, "_lines", {}) or {}
+    problems = [Problem(_fmt(p), m, _line(lines, p)) for p, m in check_expressions(cfg)]
+    if problems:
+        raise ConfigError(str(cfg.path), problems)
+    cfg._expressions_checked = True
+
+
+def load_config(path: str | os.PathLike, check_expressions: bool = True) -> Config:
+    """Read and validate a config file. Relative paths inside it resolve against its folder.
+
+    `check_expressions=False` skips parsing eligibility expressions (sqlglot is slow to import): for DAG
+    files, which parse often; `begin_run` checks them before a run touches anything."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(str(p), [Problem("", "config file not found")])
@@ -99,4 +117,4 @@ def load_config(path: str | os.PathLike) -> Config:
         data = _construct(node, (), lines)
     except ConfigError as e:
         raise ConfigError(str(p), e.problems) from None
-    return parse_config(data, source=str(p), lines=lines, path=p.resolve())
+    return parse_config(data, source=str(p), lines=lines, path=p.resolve(), check_expressions=check_expressions)

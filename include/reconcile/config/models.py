@@ -320,6 +320,8 @@ class Config(_Strict):
     load: LoadSettings = Field(default_factory=LoadSettings)
 
     _path: Path | None = PrivateAttr(default=None)
+    _expressions_checked: bool = PrivateAttr(default=True)
+    _lines: dict = PrivateAttr(default_factory=dict)
 
     @property
     def path(self) -> Path | None:

@@ -42,13 +42,13 @@ def _check_regions(cfg: Config) -> list[Issue]:
     return issues
 
 
-def check_rules(cfg: Config) -> list[Issue]:
+def check_rules(cfg: Config, expressions: bool = True) -> list[Issue]:
     issues: list[Issue] = _check_regions(cfg)
     issues += _check_names(cfg)
     issues += _check_schedule(cfg)
     issues += _check_systems(cfg)
     for name, entity in cfg.entities.items():
-        issues += _check_entity(cfg, name)
+        issues += _check_entity(cfg, name, expressions)
     return issues
 
 
@@ -111,7 +111,7 @@ def _check_systems(cfg: Config) -> list[Issue]:
     return issues
 
 
-def _check_entity(cfg: Config, ename: str) -> list[Issue]:
+def _check_entity(cfg: Config, ename: str, expressions: bool = True) -> list[Issue]:
     entity = cfg.entities[ename]
     base = ("entities", ename)
     issues: list[Issue] = []
@@ -189,7 +189,8 @@ def _check_entity(cfg: Config, ename: str) -> list[Issue]:
             issues.append((epath, f"no system named {target!r} is configured under 'systems'"))
         elif target not in sources:
             issues.append((epath, f"system {target!r} has no source for entity {ename!r}"))
-        for msg in check_expression(text, field_types):
+        for msg in (check_expression(text, field_types) if expressions else
+                    (["must be a single expression: ';' is not allowed"] if ";" in text else [])):
             issues.append((epath, msg))
     return issues
 
@@ -294,4 +295,14 @@ def _check_strategy(entity, ename: str, fname: str, fpath: tuple, systems: set, 
                                f"most_recent compares modified times, but source {system!r} has no modified_at "
                                f"(set entities.{ename}.sources.{system}.modified_at, or leave {system!r} out "
                                f"of 'priority')"))
+    return issues
+
+
+def check_expressions(cfg: Config) -> list[Issue]:
+    """Only the eligibility-expression rules (for a config loaded with check_expressions=False)."""
+    issues: list[Issue] = []
+    for ename, entity in cfg.entities.items():
+        types = {f: spec.type for f, spec in entity.fields.items()}
+        for target, text in entity.eligibility.items():
+            issues += [(("entities", ename, "eligibility", target), m) for m in check_expression(text, types)]
     return issues
