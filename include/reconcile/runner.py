@@ -304,6 +304,39 @@ def rollback(cfg: Config, entity: str, run_id: str, target: str | None = None,
     return out
 
 
+def _assessment(con, entity: str, run_id: str) -> dict:
+    """The synchronisation assessment a dry run gives (seed 002: "is the data actually synchronised?"):
+    per system, how many records match across systems, duplicates, disagreements, what would be written."""
+    out: dict[str, dict] = {}
+    rows = con.execute("""SELECT system, staged, linked_records, duplicate_rate_email, duplicate_rate_name_company,
+                                 review_open FROM audit.sync_health WHERE run_id = ? AND entity = ?""",
+                       [run_id, entity]).fetchall()
+    for system, staged, linked, dup_e, dup_n, review in rows:
+        out[system] = {"records": staged, "linked": linked,
+                       "match_rate": round(linked / staged, 4) if staged and linked is not None else None,
+                       "duplicate_rate_email": dup_e, "duplicate_rate_name_company": dup_n, "review_open": review,
+                       "disagreements": {}, "would_write": {}}
+    # Matched: the record shares its xid with a record of another system (a minted xid alone is no match).
+    for system, matched in con.execute("""
+            SELECT x.system, count(*) FROM identity.xref x
+            WHERE x.entity = ? AND EXISTS (SELECT 1 FROM identity.xref y WHERE y.entity = x.entity AND y.xid = x.xid
+                                           AND y.system <> x.system)
+            GROUP BY 1""", [entity]).fetchall():
+        if system in out:
+            out[system]["matched_in_other_systems"] = matched
+            staged = out[system]["records"]
+            out[system]["match_rate"] = round(matched / staged, 4) if staged else None
+    for field, system, n in con.execute("""SELECT field, system, disagreeing FROM audit.disagreements
+                                           WHERE run_id = ? AND entity = ? AND disagreeing > 0""",
+                                        [run_id, entity]).fetchall():
+        out.setdefault(system, {"disagreements": {}, "would_write": {}})["disagreements"][field] = n
+    for target, op, n in con.execute("""SELECT target, operation, count(*) FROM audit.changes
+                                        WHERE run_id = ? AND entity = ? AND status = 'dry_run' GROUP BY ALL""",
+                                     [run_id, entity]).fetchall():
+        out.setdefault(target, {"disagreements": {}, "would_write": {}})["would_write"][op] = n
+    return out
+
+
 def _changes_summary(con, entity: str, run_id: str) -> dict:
     rows = con.execute("""SELECT target, status, count(*) FROM audit.changes WHERE run_id = ? AND entity = ?
                           GROUP BY ALL""", [run_id, entity]).fetchall()
@@ -376,11 +409,13 @@ def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", e
             summary["golden"] = json.loads(golden_row[0])
         if "identity" in results_of:
             summary["identity"] = results_of["identity"]
+        _sync_health_counts(con, cfg, entity, run_id)
         if "plan" in results_of:
             summary["changes"] = _changes_summary(con, entity, run_id)
+            if results_of["plan"].get("dry_run"):
+                summary["assessment"] = _assessment(con, entity, run_id)
         if error:
             summary["error"] = error
-        _sync_health_counts(con, cfg, entity, run_id)
         con.execute(
             "UPDATE audit.runs SET status = ?, finished_at = ?, error = ?, summary = ? WHERE run_id = ? AND entity = ?",
             [status, utc_naive(datetime.now(timezone.utc)), error, json.dumps(summary), run_id, entity],

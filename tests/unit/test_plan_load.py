@@ -292,3 +292,31 @@ def test_a_load_killed_mid_way_resumes_and_applies_every_change_exactly_once(tmp
     assert table(log, "SELECT count(*) FROM write_log")[0][0] == expected - 1  # E's name fails its CHECK
     assert wh(cfg, "SELECT status, count(*) FROM audit.changes WHERE run_id = 'r1' AND target = 'marketing' "
                    "AND operation = 'update' GROUP BY 1 ORDER BY 1") == [("applied", expected - 1), ("failed", 1)]
+
+
+def test_an_erasure_is_carried_out_in_every_system_through_the_gates(tmp_path):
+    from reconcile.cli import main
+
+    path = make(tmp_path)
+    cfg = load_config(path)
+    night(cfg, 1)
+    assert main(["erase", "--config", str(path), "--email", "cy@example.com", "--reason", "DSAR 42",
+                 "--by", "privacy"]) == 0
+    # one erasure in a 5-record table is over the default erase share (1%): it waits for approval
+    assert night(cfg, 2)["status"] == "awaiting_approval"
+    runner.approve(cfg, "contact", "r2", by="privacy")
+    for target in ("crm", "marketing"):
+        runner.load_changes(cfg, "contact", "r2", target)
+    s2 = runner.finish_run(cfg, "contact", "r2")
+    erased = wh(cfg, "SELECT target, record_key, status FROM audit.changes WHERE run_id = 'r2' AND operation = 'erase' "
+                     "ORDER BY 1")
+    assert erased == [("crm", "C", "applied"), ("marketing", "2", "applied")]
+    # anonymised (the default): every mapped column but the key is blanked
+    assert table(tmp_path / "systems" / "crm.db", "SELECT emailaddress1, firstname, telephone1 FROM contact "
+                                                  "WHERE contactid = 'C'") == [(None, None, None)]
+    assert table(tmp_path / "systems" / "marketing.db", "SELECT email, firstname FROM contacts WHERE vid = 2") == [
+        (None, None)]
+    s3 = night(cfg, 3)  # done once: never planned again, and the person does not come back
+    assert wh(cfg, "SELECT count(*) FROM audit.changes WHERE run_id = 'r3' AND xid = "
+                   "(SELECT xid FROM identity.xref WHERE system = 'crm' AND record_key = 'C')") == [(0,)]
+    assert s2["changes"]["crm"]["applied"] >= 1 and s3["golden"]["records"] == s2["golden"]["records"]

@@ -145,13 +145,12 @@ def _apply_group(writer: SqlWriter, conn, g: dict, current: dict, watched: list[
                      "before_image": None, "written": values}]
         before = {c["column"]: now_vals.get(c["column"]) for c in changes if c["column"]}
         if any(c["operation"] == "erase" for c in changes):
-            mode = next(c["after"] for c in changes if c["operation"] == "erase")
-            if mode == "delete":
+            spec = json.loads(next(c["after"] for c in changes if c["operation"] == "erase"))
+            if spec["mode"] == "delete":
                 writer.delete(conn, key)
                 written = {}
             else:
-                cols = [m.column for m in writer.source.fields.values() if m.column != writer.key]
-                written = {c: None for c in cols}
+                written = {c: None for c in spec["columns"]}
                 writer.update(conn, key, written)
             before = None  # an erasure is never rolled back
         elif any(c["operation"] == "archive" and c["field"] == "*" for c in changes):
@@ -237,8 +236,10 @@ def _resume(con, writer: SqlWriter, entity: str, target: str, run_id: str) -> No
                 done = found is not None
                 if done:
                     con.execute("UPDATE audit.changes SET record_key = ? WHERE change_id = ?", [found, cid])
-            else:  # erase / hard delete: done if the record is gone or blanked
-                done = key not in current or all(v is None for v in current[key].values())
+            else:  # erase / hard delete: done if the record is gone (or, anonymised, its text columns blank)
+                spec = json.loads(after) if op == "erase" else {"mode": "delete"}
+                done = key not in current or (spec["mode"] != "delete" and all(
+                    v is None for c, v in writer.current(conn, [key], spec["columns"]).get(key, {}).items()))
             con.execute("UPDATE audit.changes SET status = ?, applied_at = CASE WHEN ? THEN ? END, "
                         "error = CASE WHEN ? THEN 'verified after an interrupted load' END WHERE change_id = ?",
                         ["applied" if done else "planned", done, _now(), done, cid])

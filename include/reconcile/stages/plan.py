@@ -146,9 +146,12 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
                             AND system IN ({', '.join(sql_literal(c) for c in creators) or 'NULL'}))
               AND NOT EXISTS (SELECT 1 FROM audit.changes c WHERE c.entity = {e} AND c.target = {t}
                               AND c.record_key = x.record_key AND c.operation = 'archive' AND c.status = 'applied')""")
+    # Anonymise blanks the personal (text) fields; status and flag columns stay, so constraints hold.
+    erase_spec = json.dumps({"mode": sysconf.writes.erase, "columns": sorted(
+        {m.column for f, m in source.fields.items() if ent.fields[f].type == "string" and m.column != source.key})})
     inserts.append(f"""
         SELECT {change_id('x.record_key', "'*'", 'erase')}, {r}, {e}, {t}, x.record_key, x.xid, 'erase', '*', NULL,
-               NULL, NULL, {sql_literal(sysconf.writes.erase)}, 'planned', 'erasure request ' || er.request_id, NULL,
+               NULL, NULL, {sql_literal(erase_spec)}, 'planned', 'erasure request ' || er.request_id, NULL,
                NULL, NULL, NULL, NULL, NULL
         FROM identity.erasures er JOIN identity.xref x ON x.entity = er.entity AND x.xid = er.xid AND x.system = {t}
         JOIN {st} s ON s._record_key = x.record_key
