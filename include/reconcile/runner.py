@@ -22,6 +22,7 @@ from .stages import extract as extract_stage
 from .stages import golden as golden_stage
 from .stages import load as load_stage
 from .stages import plan as plan_stage
+from .stages import privacy as privacy_stage
 from .stages import identity as identity_stage
 from .stages import quality as quality_stage
 from .warehouse import open_work, publish, run_dir, safe_name
@@ -410,6 +411,9 @@ def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", e
         if "identity" in results_of:
             summary["identity"] = results_of["identity"]
         _sync_health_counts(con, cfg, entity, run_id)
+        purged = privacy_stage.purge_erased(con, cfg, entity)
+        if purged:
+            progress(f"  erased people's values removed from the warehouse: {purged}")
         if "plan" in results_of:
             summary["changes"] = _changes_summary(con, entity, run_id)
             if results_of["plan"].get("dry_run"):

@@ -316,6 +316,15 @@ def test_an_erasure_is_carried_out_in_every_system_through_the_gates(tmp_path):
                                                   "WHERE contactid = 'C'") == [(None, None, None)]
     assert table(tmp_path / "systems" / "marketing.db", "SELECT email, firstname FROM contacts WHERE vid = 2") == [
         (None, None)]
+    # the warehouse keeps no value of the person: staging (and its history), lineage, planned changes
+    leaks = wh(cfg, """SELECT count(*) FROM (
+        SELECT email FROM staging.crm__contact_history WHERE _record_key = 'C' AND (email IS NOT NULL OR
+               first_name IS NOT NULL OR _raw_firstname IS NOT NULL)
+        UNION ALL SELECT email FROM staging.marketing__contact WHERE _record_key = '2' AND email IS NOT NULL
+        UNION ALL SELECT value FROM golden.contact_lineage l JOIN identity.xref x USING (xid)
+                  WHERE x.record_key = 'C' AND l.value IS NOT NULL
+        UNION ALL SELECT after_value FROM audit.changes WHERE record_key IN ('C', '2') AND after_value IS NOT NULL)""")
+    assert leaks == [(0,)]
     s3 = night(cfg, 3)  # done once: never planned again, and the person does not come back
     assert wh(cfg, "SELECT count(*) FROM audit.changes WHERE run_id = 'r3' AND xid = "
                    "(SELECT xid FROM identity.xref WHERE system = 'crm' AND record_key = 'C')") == [(0,)]
