@@ -22,7 +22,7 @@ from ..config.models import Config, SourceConfig
 from ..connectors import connect
 from ..errors import ReconcileError
 from ..transforms import EMAIL_PATTERN, apply_steps, quote_ident as q, sql_literal
-from ..warehouse import staging_table
+from ..warehouse import once, staging_table
 
 STAGE = "extract"
 
@@ -138,15 +138,10 @@ def _typed(expr: str, ftype: str) -> str:
 def stage_entity(con, cfg: Config, entity: str, run_id: str, run_at: datetime, manifest: dict,
                  parquet_dir: Path, progress=None) -> dict:
     """Load every extracted source of an entity into staging, in one transaction. Returns counts per system."""
-    done = con.execute(
-        "SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = ?", [run_id, entity, STAGE]
-    ).fetchone()
-    if done:
-        return json.loads(done[0])
     ent = cfg.entity(entity)
-    results: dict[str, dict] = {}
-    con.execute("BEGIN TRANSACTION")
-    try:
+
+    def _body() -> dict:
+        results: dict[str, dict] = {}
         for system in sorted(manifest["systems"]):
             plan = manifest["systems"][system]
             path = parquet_dir / f"{system}.parquet"
@@ -157,14 +152,9 @@ def stage_entity(con, cfg: Config, entity: str, run_id: str, run_at: datetime, m
                 r = results[system]
                 progress(f"  staged {system}: {r['staged']} rows ({r['inserted']} new, {r['updated']} changed, "
                          f"{r['deleted']} deleted), {r['quarantined']} quarantined")
-        con.execute(
-            "INSERT INTO audit.stage_runs VALUES (?, ?, ?, ?, ?)", [run_id, entity, STAGE, run_at, json.dumps(results)]
-        )
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    return results
+        return results
+
+    return once(con, run_id, entity, STAGE, run_at, _body)
 
 
 def _stage_source(con, cfg: Config, entity: str, system: str, source: SourceConfig, plan: dict, path: Path,

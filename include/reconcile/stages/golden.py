@@ -24,7 +24,7 @@ from typing import Any
 from ..config.models import Config, EntityConfig
 from ..errors import ReconcileError
 from ..transforms import quote_ident as q, sql_literal
-from ..warehouse import staging_table
+from ..warehouse import once, staging_table
 
 STAGE = "golden"
 
@@ -145,14 +145,10 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
     Idempotent per run id: a run that already built golden returns its recorded summary. Runs must be built
     in run_at order (lineage intervals only move forwards).
     """
-    done = con.execute("SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = ?",
-                       [run_id, entity, STAGE]).fetchone()
-    if done:
-        return json.loads(done[0])
     ent = cfg.entity(entity)
     gtable, ltable, ctable = golden_table(entity), lineage_table(entity), conflicts_table(entity)
-    con.execute("BEGIN TRANSACTION")
-    try:
+
+    def _body() -> dict:
         ensure_tables(con, entity)
         newest = con.execute(f"SELECT max(valid_from) FROM {ltable}").fetchone()[0]
         if newest is not None and run_at < newest:
@@ -282,12 +278,9 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
             "erased": con.execute("SELECT count(*) FROM identity.erasures WHERE entity = ?", [entity]).fetchone()[0],
             "disagreements": {f: int(by_field.get(f, 0)) for f in ent.fields},
         }
-        con.execute("INSERT INTO audit.stage_runs VALUES (?, ?, ?, ?, ?)",
-                    [run_id, entity, STAGE, run_at, json.dumps(summary)])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+        return summary
+
+    summary = once(con, run_id, entity, STAGE, run_at, _body)
     for t in ("_links", "_values", "_present", "_fields", "_cands", "_restrictive", "_ranked", "_new", "_changed",
               "_prev"):
         con.execute(f"DROP TABLE IF EXISTS {t}")

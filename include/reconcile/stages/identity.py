@@ -22,7 +22,7 @@ from datetime import datetime
 from ..config.models import Config
 from ..errors import ReconcileError
 from ..transforms import quote_ident as q, sql_literal
-from ..warehouse import staging_table
+from ..warehouse import once, staging_table
 
 STAGE = "identity"
 KINDS = ("candidate", "orphan", "duplicate", "conflict")
@@ -172,14 +172,10 @@ class _Run:
 
 def resolve(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
     """Resolve every staged record of an entity to an xid. One transaction; idempotent per run id."""
-    done = con.execute("SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = ?",
-                       [run_id, entity, STAGE]).fetchone()
-    if done:
-        return json.loads(done[0])
     ent = cfg.entities[entity]
     r = _Run(con, cfg, entity, run_id, run_at)
-    con.execute("BEGIN TRANSACTION")
-    try:
+
+    def _body() -> dict:
         _build_records(con, cfg, entity)
         # An erased person's records are never given a new xid (linked ones stay on the erased xid).
         con.execute(f"""DELETE FROM _recs WHERE {r.unlinked('_recs')} AND EXISTS (
@@ -208,12 +204,9 @@ def resolve(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dic
             [run_at, entity],
         )
         summary = _summary(r)
-        con.execute("INSERT INTO audit.stage_runs VALUES (?, ?, ?, ?, ?)", [run_id, entity, STAGE, run_at, json.dumps(summary)])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    return summary
+        return summary
+
+    return once(con, run_id, entity, STAGE, run_at, _body)
 
 
 def _load_distinct(r: _Run) -> None:

@@ -16,7 +16,7 @@ from datetime import datetime
 from ..config.expressions import to_duckdb_sql
 from ..config.models import DEFAULT_CHANGE_THRESHOLDS, Config
 from ..transforms import quote_ident as q, sql_literal
-from ..warehouse import staging_table
+from ..warehouse import once, staging_table
 from .golden import golden_table, lineage_table
 
 STAGE = "plan"
@@ -43,14 +43,9 @@ def _exists(con, schema: str, table: str) -> bool:
 
 def plan(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
     """Write this run's changes for every target into audit.changes. Idempotent per run id."""
-    done = con.execute("SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = ?",
-                       [run_id, entity, STAGE]).fetchone()
-    if done:
-        return json.loads(done[0])
     ent = cfg.entities[entity]
-    gt = golden_table(entity)
-    con.execute("BEGIN TRANSACTION")
-    try:
+
+    def _body() -> dict:
         con.execute("DELETE FROM audit.changes WHERE run_id = ? AND entity = ?", [run_id, entity])
         con.execute("DELETE FROM audit.approvals WHERE run_id = ? AND entity = ?", [run_id, entity])
         has_golden = _exists(con, "golden", entity)
@@ -59,13 +54,9 @@ def plan(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
                 continue
             _plan_target(con, cfg, entity, target, run_id, run_at, has_golden)
         summary = _thresholds(con, cfg, entity, run_id, run_at)
-        con.execute("INSERT INTO audit.stage_runs VALUES (?, ?, ?, ?, ?)",
-                    [run_id, entity, STAGE, run_at, json.dumps(summary)])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    return summary
+        return summary
+
+    return once(con, run_id, entity, STAGE, run_at, _body)
 
 
 def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at: datetime, has_golden: bool) -> None:

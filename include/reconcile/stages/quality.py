@@ -23,7 +23,7 @@ from typing import Any
 from ..config.expressions import to_duckdb_sql
 from ..config.models import DEFAULT_SEVERITY, Config, GateOverrides
 from ..transforms import EMAIL_PATTERN, quote_ident as q, sql_literal
-from ..warehouse import staging_table
+from ..warehouse import once, staging_table
 
 STAGE = "gates"
 DEFAULTS = {"history_runs": 7, "max_growth": 0.5, "max_shrink": 0.3, "tolerance_rows": 5,
@@ -354,13 +354,9 @@ def find_collisions(con, cfg: Config, entity: str, run_id: str, run_at: datetime
 def record_gates(con, cfg: Config, entity: str, run_id: str, run_at: datetime, validations: dict[str, dict],
                  docs_index: str | None = None) -> dict:
     """Store every outcome, compute holds and write blocks, update sync health. Idempotent per run id."""
-    done = con.execute("SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = ?",
-                       [run_id, entity, STAGE]).fetchone()
-    if done:
-        return json.loads(done[0])
     ent = cfg.entities[entity]
-    con.execute("BEGIN TRANSACTION")
-    try:
+
+    def _body() -> dict:
         for t in ("audit.quality_results", "audit.write_blocks", "audit.sync_health"):
             con.execute(f"DELETE FROM {t} WHERE run_id = ? AND entity = ?", [run_id, entity])
         passed = warned = failed = 0
@@ -422,13 +418,9 @@ def record_gates(con, cfg: Config, entity: str, run_id: str, run_at: datetime, v
             "SELECT target FROM audit.write_blocks WHERE run_id = ? AND entity = ?", [run_id, entity]).fetchall()})
         summary = {"passed": passed, "warned": warned, "failed": failed,
                    "blocked": blocked_targets, "failures": failures, "data_docs": docs_index}
-        con.execute("INSERT INTO audit.stage_runs VALUES (?, ?, ?, ?, ?)",
-                    [run_id, entity, STAGE, run_at, json.dumps(summary, default=str)])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    return summary
+        return summary
+
+    return once(con, run_id, entity, STAGE, run_at, _body)
 
 
 def write_docs_index(docs_root: Path, run_id: str, validations: dict[str, dict]) -> str:
@@ -451,22 +443,14 @@ GUARD_STAGE = "guard"
 def guard_collisions(con, cfg: Config, entity: str, run_id: str, run_at: datetime,
                      identities_sql=default_identities_sql) -> dict:
     """The collision guard as its own step (after identity resolution, on xids). Idempotent per run id."""
-    done = con.execute("SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = ?",
-                       [run_id, entity, GUARD_STAGE]).fetchone()
-    if done:
-        return json.loads(done[0])
-    con.execute("BEGIN TRANSACTION")
-    try:
+
+    def _body() -> dict:
         con.execute("DELETE FROM audit.holds WHERE run_id = ? AND entity = ?", [run_id, entity])
         held = find_collisions(con, cfg, entity, run_id, run_at, identities_sql)
         for system, n in held.items():
             con.execute("UPDATE audit.sync_health SET held = ? WHERE run_id = ? AND entity = ? AND system = ?",
                         [n, run_id, entity, system])
         result = {"held": held}
-        con.execute("INSERT INTO audit.stage_runs VALUES (?, ?, ?, ?, ?)",
-                    [run_id, entity, GUARD_STAGE, run_at, json.dumps(result)])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    return result
+        return result
+
+    return once(con, run_id, entity, GUARD_STAGE, run_at, _body)

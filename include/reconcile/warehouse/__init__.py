@@ -26,7 +26,7 @@ from ..errors import ReconcileError
 from ..transforms import register_functions
 from .ddl import ensure_schema
 
-__all__ = ["open_work", "publish", "open_published", "run_dir", "ensure_schema", "safe_name", "staging_table"]
+__all__ = ["once", "open_work", "publish", "open_published", "run_dir", "ensure_schema", "safe_name", "staging_table"]
 
 LOCK_WAIT_SECONDS = 1800
 
@@ -34,6 +34,30 @@ LOCK_WAIT_SECONDS = 1800
 def staging_table(system: str, entity: str) -> str:
     """The staging table of one system's entity, e.g. staging.crm__contact."""
     return f"staging.{system}__{entity}"
+
+
+def once(con, run_id: str, entity: str, stage: str, run_at, body) -> dict:
+    """Run a stage's `body()` at most once per (run id, entity), in one transaction.
+
+    This is what makes every stage safe to retry: a re-run for the same run id returns the recorded result
+    (audit.stage_runs) and changes nothing; a failure rolls the whole stage back.
+    """
+    import json
+
+    done = con.execute("SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = ?",
+                       [run_id, entity, stage]).fetchone()
+    if done:
+        return json.loads(done[0])
+    con.execute("BEGIN TRANSACTION")
+    try:
+        result = body()
+        con.execute("INSERT INTO audit.stage_runs VALUES (?, ?, ?, ?, ?)",
+                    [run_id, entity, stage, run_at, json.dumps(result, default=str)])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return result
 
 
 def safe_name(run_id: str) -> str:
