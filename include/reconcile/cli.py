@@ -412,7 +412,8 @@ def _changes(args) -> int:
     con = open_published(cfg)
     try:
         run_id = args.run_id or (con.execute(
-            "SELECT run_id FROM audit.changes ORDER BY run_id DESC LIMIT 1").fetchone() or [None])[0]
+            """SELECT c.run_id FROM audit.changes c JOIN audit.runs r USING (run_id, entity)
+               ORDER BY r.started_at DESC LIMIT 1""").fetchone() or [None])[0]
         if run_id is None:
             print("no changes planned yet")
             return 0

@@ -1,8 +1,10 @@
 """The runner: one run = the ordered stages for one entity, identified by a run id.
 
-Airflow tasks call these same functions one by one (begin_run -> extract_system per system, in parallel
--> load_staging -> finish_run); `run` calls them in order for the CLI and tests. Each step is idempotent
-for a run id, so a retried task leaves the same state.
+begin_run -> extract_system (per system, in parallel) -> load_staging -> validate_system (per system, in
+parallel) -> apply_gates -> resolve_identity -> build_golden -> guard_collisions -> plan_changes ->
+load_changes (per target) -> finish_run. Airflow tasks call these functions one by one; `run_entity` calls
+them in order for the CLI and tests. Each step is idempotent for a run id, so a retried task leaves the
+same state.
 """
 from __future__ import annotations
 
@@ -388,7 +390,7 @@ def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", e
                 status = "dry_run"
             elif "awaiting" in approvals.values():
                 status = "awaiting_approval"
-            elif gates["held"] or gates["blocked"] or held_changes or "rejected" in approvals.values():
+            elif (gates and (gates["held"] or gates["blocked"])) or held_changes or "rejected" in approvals.values():
                 status = "blocked"
         summary = {
             "run_id": run_id,
@@ -498,9 +500,9 @@ def run_entity(cfg: Config, entity: str, run_id: str | None = None, run_at: date
                     load_changes(cfg, entity, run_id, target, url_overrides, progress)
                 elif state == "awaiting_approval":
                     progress(f"  load {target}: waiting for approval (reconcile approve --run {run_id})")
+        summary = finish_run(cfg, entity, run_id, progress=progress)
     except BaseException as e:
         finish_run(cfg, entity, run_id, status="failed", error=str(e), progress=progress)
         raise
-    summary = finish_run(cfg, entity, run_id, progress=progress)
     summary["duration_s"] = round(time.monotonic() - t0, 2)
     return summary

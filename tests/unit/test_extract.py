@@ -186,3 +186,28 @@ def test_missing_sqlite_file_is_reported_not_created(project):
     with pytest.raises(SystemUnreachable, match="marketing.db does not exist"):
         runner.run_entity(cfg, "contact", run_id="r1", run_at=T0)
     assert not (project / "systems" / "marketing.db").exists()
+
+
+def test_an_older_warehouse_gains_new_columns_without_losing_data(project):
+    cfg = load_config(project / "reconcile.yaml")
+    runner.run_entity(cfg, "contact", run_id="r1", run_at=T0)
+    work = cfg.state_dir / "work.duckdb"
+    con = duckdb.connect(str(work))
+    con.execute("ALTER TABLE audit.sync_health DROP COLUMN changes_failed")  # as an older version made it
+    con.close()
+    s = runner.run_entity(cfg, "contact", run_id="r2", run_at=datetime(2026, 2, 2, 2))
+    assert s["status"] == "dry_run"
+    assert rows(cfg, "SELECT run_id, changes_failed FROM audit.sync_health WHERE system = 'crm' ORDER BY 1") == [
+        ("r1", None), ("r2", 0)]
+
+
+def test_extract_command_stops_after_staging(project, capsys):
+    from reconcile.cli import main
+
+    assert main(["extract", "--config", str(project / "reconcile.yaml"), "--json"]) == 0
+    import json as _json
+
+    out = _json.loads(capsys.readouterr().out)
+    assert out["status"] == "success" and "gates" not in out and out["staged"] == {"crm": 3, "marketing": 2}
+    cfg = load_config(project / "reconcile.yaml")
+    assert rows(cfg, "SELECT count(*) FROM audit.stage_runs WHERE stage <> 'extract'") == [(0,)]

@@ -186,7 +186,7 @@ DEFAULT_CHANGE_THRESHOLDS = {
     "create": {"max": 1000, "max_share": 0.2},
     "update": {"max": 5000, "max_share": 0.1},
     "archive": {"max": 500, "max_share": 0.01},
-    "erase": {"max": 50, "max_share": 0.01},
+    "erase": {"max": 50, "max_share": None},  # a legal duty: bounded in number, not by table size
 }
 
 
@@ -302,7 +302,7 @@ class LoadSettings(_Strict):
     """`load`: how planned changes reach the systems (see docs/configuration.md#load)."""
 
     mode: Literal["dry_run", "apply"] = "dry_run"   # a new config only plans: the sync assessment
-    batch_size: int = Field(default=200, ge=1)      # changes per target transaction
+    batch_size: int = Field(default=200, ge=1)      # records per target transaction
     max_failure_rate: float = Field(default=0.05, ge=0, le=1)  # failed / attempted above this stops a load
     pause_seconds: float = Field(default=0.0, ge=0)  # between batches (rate limiting a busy system)
 

@@ -279,7 +279,7 @@ def _stage_source(con, cfg: Config, entity: str, system: str, source: SourceConf
                CAST({sql_literal(run_at.isoformat())} AS TIMESTAMP) AS _extracted_at, 'delete' AS _change
         FROM _deleted
     """)
-    echoes = _mark_echoes(con, history, entity, system, run_id, columns)
+    echoes = _mark_echoes(con, table, history, entity, system, run_id, columns, source.modified_at)
 
     # New current state: this run's good rows, plus earlier rows this extract did not replace or delete.
     con.execute(f"""
@@ -321,24 +321,39 @@ def _stage_source(con, cfg: Config, entity: str, system: str, source: SourceConf
             "inserted": inserted, "updated": updated, "deleted": deleted}
 
 
-def _mark_echoes(con, history: str, entity: str, system: str, run_id: str, columns: list[str]) -> dict:
-    """Our own writes coming back: a new version is an echo (not a user edit) when every value reconcile last
-    wrote into that record (audit.write_ledger) is what the source now holds; a record we created is an
-    echo_insert. Counted apart, so they are neither user edits nor volume anomalies."""
-    raw_of = "CASE l.column_name " + " ".join(
-        f"WHEN {sql_literal(c)} THEN CAST(h.{q('_raw_' + c)} AS VARCHAR)" for c in columns) + " END"
-    con.execute(f"""
+def _mark_echoes(con, table: str, history: str, entity: str, system: str, run_id: str, columns: list[str],
+                 modified_at: str | None) -> dict:
+    """Our own writes coming back: a new version is an echo (not a user edit) when every column that changed
+    since the previous version holds exactly what reconcile last wrote there (audit.write_ledger); a record we
+    created is an echo_insert. Counted apart, so they are neither user edits nor volume anomalies."""
+    con.execute("""
         CREATE OR REPLACE TEMP TABLE _ledger AS
         SELECT record_key, column_name, value_hash FROM (
             SELECT *, row_number() OVER (PARTITION BY record_key, column_name ORDER BY written_at DESC) AS rn
             FROM audit.write_ledger WHERE entity = ? AND target = ? AND run_id <> ?) WHERE rn = 1
     """, [entity, system, run_id])
+
+    def written(c: str) -> str:
+        return (f"EXISTS (SELECT 1 FROM _ledger l WHERE l.record_key = h._record_key AND l.column_name = "
+                f"{sql_literal(c)} AND l.value_hash = md5(coalesce(CAST(h.{q('_raw_' + c)} AS VARCHAR), chr(0))))")
+
+    # The system stamps its modified time on our writes: that column never counts as a user edit.
+    explained = " AND ".join(
+        f"(h.{q('_raw_' + c)} IS NOT DISTINCT FROM p.{q('_raw_' + c)} OR {written(c)})"
+        for c in columns if c != modified_at) or "TRUE"
     con.execute(f"""
-        UPDATE {history} h SET _change = CASE h._change WHEN 'insert' THEN 'echo_insert' ELSE 'echo' END
-        WHERE h._run_id = {sql_literal(run_id)} AND h._change IN ('insert', 'update')
+        UPDATE {history} h SET _change = 'echo'
+        WHERE h._run_id = {sql_literal(run_id)} AND h._change = 'update'
           AND h._record_key IN (SELECT record_key FROM _ledger)
-          AND NOT EXISTS (SELECT 1 FROM _ledger l WHERE l.record_key = h._record_key
-                          AND l.value_hash <> md5(coalesce({raw_of}, chr(0))))
+          AND EXISTS (SELECT 1 FROM {table} p WHERE p._record_key = h._record_key AND {explained})
+    """)
+    # A record we created: every column it holds is what we wrote (columns we did not write are empty).
+    created = " AND ".join(f"(h.{q('_raw_' + c)} IS NULL OR {written(c)})" for c in columns
+                           if c != modified_at) or "TRUE"
+    con.execute(f"""
+        UPDATE {history} h SET _change = 'echo_insert'
+        WHERE h._run_id = {sql_literal(run_id)} AND h._change = 'insert'
+          AND h._record_key IN (SELECT record_key FROM _ledger) AND {created}
     """)
     return dict(con.execute(f"""SELECT _change, count(*) FROM {history} WHERE _run_id = ? AND _change LIKE 'echo%'
                                 GROUP BY 1""", [run_id]).fetchall())

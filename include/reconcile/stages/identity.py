@@ -343,7 +343,9 @@ def _probabilistic_rule(r: _Run, rule) -> None:
 def _orphans(r: _Run) -> None:
     ent = r.cfg.entities[r.entity]
     if ent.identity.orphans == "create":
-        r.mint_for("NOT r.creates", rule="minted_orphan")
+        r.mint_for("""NOT r.creates AND r.system || '|' || r.record_key NOT IN (
+                          SELECT i.system || '|' || (i.details->>'record_key') FROM review.items i
+                          JOIN _seen_items USING (item_id) WHERE i.kind = 'candidate')""", rule="minted_orphan")
         return
     r.items_from("orphan", f"""
         SELECT rec.system, rec.system || '|' || rec.record_key AS item_key,

@@ -278,6 +278,14 @@ def rollback(con, cfg: Config, entity: str, target: str, run_id: str, url: str) 
                         continue
                     writer.delete(conn, key)
                     restored.append(cid)
+                    # the record is gone: so is the link we made when we created it (a later run may re-plan)
+                    con.execute("""INSERT INTO identity.xref_history
+                                   SELECT entity, xid, system, record_key, 'unlink', 'rollback', NULL, NULL, ?, now(),
+                                          'created record removed by rollback'
+                                   FROM identity.xref WHERE entity = ? AND system = ? AND record_key = ?""",
+                                [run_id, entity, target, key])
+                    con.execute("DELETE FROM identity.xref WHERE entity = ? AND system = ? AND record_key = ?",
+                                [entity, target, key])
                     continue
                 if before is None or op == "erase" or (op == "archive" and not col):
                     impossible.append({"change_id": cid, "record_key": key, "why": f"{op} has no before-image"})

@@ -166,7 +166,9 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
                     FROM audit.write_blocks b
                     WHERE c.run_id = {r} AND c.entity = {e} AND c.target = {t} AND c.status = 'planned'
                       AND b.run_id = c.run_id AND b.entity = c.entity AND b.target = c.target
-                      AND (b.field = '*' OR b.field = c.field)""")
+                      AND (b.field = '*' OR b.field = c.field
+                           -- a create or archive carries every field: any block on the target stops it
+                           OR c.operation IN ('create', 'archive'))""")
     # Target-rule pre-check: the target's unique fields in its planned state.
     for ufield in sysconf.unique:
         if ufield not in source.fields:
@@ -218,7 +220,7 @@ def _thresholds(con, cfg: Config, entity: str, run_id: str, run_at: datetime) ->
             share = lim.max_share if lim and lim.max_share is not None else default["max_share"]
             if n > max_n:
                 reasons.append(f"{n} {op}s > max {max_n}")
-            elif size and n > share * size and n > 0:
+            elif share is not None and size and n > share * size and n > 0:
                 reasons.append(f"{n} {op}s > {share:.0%} of {size} records")
         t["needs_approval"] = bool(reasons)
         t["approval_reasons"] = reasons

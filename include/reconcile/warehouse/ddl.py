@@ -268,7 +268,22 @@ TABLES += [
 
 
 def ensure_schema(con) -> None:
+    """Create what is missing; for a warehouse made by an older version, add the columns it lacks (nullable,
+    at the end), so upgrading never needs a manual migration and never touches existing data."""
+    import re
+
     for schema in SCHEMAS:
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
     for ddl in TABLES:
         con.execute(ddl)
+        name = re.search(r"CREATE TABLE IF NOT EXISTS (\S+) \(", ddl).group(1)
+        schema, table = name.split(".")
+        have = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
+                                          "WHERE table_schema = ? AND table_name = ?", [schema, table]).fetchall()}
+        probe = ddl.replace(f"CREATE TABLE IF NOT EXISTS {name} (", "CREATE OR REPLACE TEMP TABLE _ddl_probe (")
+        con.execute(probe)
+        for column, ctype in con.execute("SELECT column_name, data_type FROM information_schema.columns "
+                                         "WHERE table_name = '_ddl_probe' ORDER BY ordinal_position").fetchall():
+            if column not in have:
+                con.execute(f'ALTER TABLE {name} ADD COLUMN "{column}" {ctype}')
+        con.execute("DROP TABLE _ddl_probe")
