@@ -347,13 +347,13 @@ def _mark_echoes(con, table: str, history: str, entity: str, system: str, run_id
           AND h._record_key IN (SELECT record_key FROM _ledger)
           AND EXISTS (SELECT 1 FROM {table} p WHERE p._record_key = h._record_key AND {explained})
     """)
-    # A record we created: every column it holds is what we wrote (columns we did not write are empty).
-    created = " AND ".join(f"(h.{q('_raw_' + c)} IS NULL OR {written(c)})" for c in columns
-                           if c != modified_at) or "TRUE"
+    # A record we created: every value we wrote is still there (the other columns hold the system's defaults).
     con.execute(f"""
         UPDATE {history} h SET _change = 'echo_insert'
         WHERE h._run_id = {sql_literal(run_id)} AND h._change = 'insert'
-          AND h._record_key IN (SELECT record_key FROM _ledger) AND {created}
+          AND h._record_key IN (SELECT record_key FROM _ledger)
+          AND NOT EXISTS (SELECT 1 FROM _ledger l WHERE l.record_key = h._record_key AND l.value_hash <>
+                          md5(coalesce(CASE l.column_name {' '.join(f"WHEN {sql_literal(c)} THEN CAST(h.{q('_raw_' + c)} AS VARCHAR)" for c in columns)} END, chr(0))))
     """)
     return dict(con.execute(f"""SELECT _change, count(*) FROM {history} WHERE _run_id = ? AND _change LIKE 'echo%'
                                 GROUP BY 1""", [run_id]).fetchall())
