@@ -48,9 +48,8 @@ else
   echo "$version" >"$stamp"
 fi
 
-step "3/4 airflow dags test $DAG_ID (RECONCILE_CONFIG=$CONFIG)"
-echo "full log: $LOG"
-start=$SECONDS
+step "3/4 Two nights: airflow dags test $DAG_ID (RECONCILE_CONFIG=$CONFIG)"
+echo "night 1 applies the demo's changes; night 2 finds nothing left to write (convergence)"
 # Show reconcile's progress lines live (the rest of Airflow's output goes to the log only).
 show_progress() {
   local line msg
@@ -63,28 +62,47 @@ show_progress() {
     esac
   done
 }
-set +e
-PYTHONUNBUFFERED=1 "$BIN/airflow" dags test "$DAG_ID" 2>&1 | tee "$LOG" | show_progress
-rc=${PIPESTATUS[0]}
-set -e
-# `dags test` exits non-zero when the run failed, but check the run's final state as well.
-final="$(grep -o "DagRun Finished: dag_id=$DAG_ID, .*state=[a-z_]*" "$LOG" | tail -n 1 | grep -o 'state=[a-z_]*$' || true)"
-if [[ $rc -ne 0 || "$final" != "state=success" ]]; then
-  # The first task error (the cause) and the run's own verdict, then the end of the log.
-  first="$(grep -n -m 1 "Task failed with exception" "$LOG" | cut -d: -f1 || true)"
-  if [[ -n "$first" ]]; then
-    echo "--- first task error:" >&2
-    awk -v s="$first" 'NR > s && !/^[[:space:]]/ && !/^Traceback/ {print; exit}' "$LOG" | cut -c1-400 >&2
+run_night() {  # $1: night number, $2: logical date
+  local night=$1 logical=$2 start=$SECONDS rc final first
+  LOG="$AIRFLOW_HOME/demo-dags-test-night$night.log"
+  echo "-- night $night (logical date $logical), full log: $LOG"
+  set +e
+  PYTHONUNBUFFERED=1 "$BIN/airflow" dags test "$DAG_ID" "$logical" 2>&1 | tee "$LOG" | show_progress
+  rc=${PIPESTATUS[0]}
+  set -e
+  # `dags test` exits non-zero when the run failed, but check the run's final state as well.
+  final="$(grep -o "DagRun Finished: dag_id=$DAG_ID, .*state=[a-z_]*" "$LOG" | tail -n 1 | grep -o 'state=[a-z_]*$' || true)"
+  if [[ $rc -ne 0 || "$final" != "state=success" ]]; then
+    # The first task error (the cause) and the run's own verdict, then the end of the log.
+    first="$(grep -n -m 1 "Task failed with exception" "$LOG" | cut -d: -f1 || true)"
+    if [[ -n "$first" ]]; then
+      echo "--- first task error:" >&2
+      awk -v s="$first" 'NR > s && !/^[[:space:]]/ && !/^Traceback/ {print; exit}' "$LOG" | cut -c1-400 >&2
+    fi
+    grep -o "reconcile run .* failed: .*" "$LOG" | tail -n 1 | cut -c1-400 >&2 || true
+    echo "--- last lines of the log:" >&2
+    tail -n 5 "$LOG" | cut -c1-300 >&2
+    die "night $night: the DAG run of $DAG_ID did not succeed (exit $rc, ${final:-no final state logged}); full log: $LOG"
   fi
-  grep -o "reconcile run .* failed: .*" "$LOG" | tail -n 1 | cut -c1-400 >&2 || true
-  echo "--- last lines of the log:" >&2
-  tail -n 5 "$LOG" | cut -c1-300 >&2
-  die "the DAG run of $DAG_ID did not succeed (exit $rc, ${final:-no final state logged}); full log: $LOG"
-fi
-echo "DAG run succeeded in $((SECONDS - start))s"
+  echo "night $night: DAG run succeeded in $((SECONDS - start))s"
+}
+today="$(date -u +%Y-%m-%d)"
+run_night 1 "${today}T01:00:00+00:00"
+run_night 2 "${today}T02:00:00+00:00"
 
 step "4/4 Result"
-"$BIN/reconcile" status --config "$CONFIG" --limit 3
+"$BIN/reconcile" status --config "$CONFIG" --limit 2
+echo
+echo "What each night wrote (audit.changes; held = waiting in the review queue):"
+"$BIN/reconcile" status --config "$CONFIG" --json --limit 2 | "$BIN/python" -c '
+import json, sys
+for r in reversed(json.load(sys.stdin)):
+    ch = (r["summary"] or {}).get("changes", {})
+    applied = sum(c["applied"] for c in ch.values()); held = sum(c["held"] for c in ch.values())
+    todo = sum(c["planned"] - c["held"] - c["applied"] - c["failed"] - c["skipped_conflict"] for c in ch.values())
+    print("  %s: %s, applied %d, held %d, not written %d" % (r["run_id"], r["status"], applied, held, todo))
+'
+echo
 read -r status run_id < <("$BIN/reconcile" status --config "$CONFIG" --json --limit 1 \
   | "$BIN/python" -c 'import json, sys; r = json.load(sys.stdin)[0]; print(r["status"], r["run_id"])')
 case "$status" in
@@ -109,5 +127,5 @@ Try, with the duckdb CLI:
 or without it:
   $BIN/python -c "import duckdb; duckdb.connect('$WAREHOUSE', read_only=True).sql(\"$Q1\").show()"
   $BIN/python -c "import duckdb; duckdb.connect('$WAREHOUSE', read_only=True).sql(\"$Q2\").show()"
-Airflow log of this run: $LOG
+Airflow logs: $AIRFLOW_HOME/demo-dags-test-night1.log and -night2.log
 MSG
