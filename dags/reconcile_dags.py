@@ -8,17 +8,36 @@ Asset), holds identities that would collide in a target system, plans the change
 (`audit.changes`) and loads each target whose changes may be written (config `load.mode: apply`, thresholds
 approved); finally it records the run in `audit.runs` and publishes the warehouse file analysts read.
 
-A run can end `blocked` (writes held back), `awaiting_approval` (a load over a threshold: its `load` task is
-skipped; `reconcile approve` approves and loads it) or `dry_run`: all by design, not failures. Nothing in this
-DAG waits for a person.
+**Quality gates.** A staging table that fails an error-level gate fails its `validate` task, with the failed
+expectations in the message, and raises an alert. The run goes on: `apply_gates` records every outcome and
+blocks the writes that depend on the bad table, so `load` skips those targets (the library plans their changes
+`blocked`) while the rest loads. `finish_run` tells a gate failure (the table's error gates in the recorded
+results) from a crash: a gate failure ends the run `blocked` and the **DAG run succeeds**, because holding bad
+data back is reconcile working as designed (exit 3 on the CLI, not 1), and the red `validate` task plus the
+alert already make it visible; failing the DAG run would page on-call for data they cannot fix and invite a
+blind "clear and retry". A crash in any task still fails the DAG run.
+
+**Approval.** A load over a change threshold needs a person. `check_approval` branches to `approve_load` (an
+`ApprovalOperator`: Approve / Reject, default Reject, response timeout `$RECONCILE_APPROVAL_TIMEOUT_HOURS`,
+12 h by default) only when some target waits for approval; its body counts the changes and samples ten. Approve
+records the approval in `audit.approvals` and `load_approved` loads those targets; Reject, or no answer in
+time, records a rejection and writes nothing. Targets that need no approval load meanwhile (`load`).
+
+**Alerts** (`reconcile_alerts.ReconcileAlert`): error gates failed, an approval requested, and a run ending
+`failed`, `blocked` or `awaiting_approval` go to the task log and `$RECONCILE_ALERT_FILE` (JSON lines, default
+`$AIRFLOW_HOME/reconcile-alerts.jsonl`); Slack / email through the Airflow connections named by
+`$RECONCILE_ALERT_SLACK_CONN_ID` / `$RECONCILE_ALERT_EMAIL_CONN_ID` when their providers are installed.
+
+**Params.** `full`: a full snapshot of every source instead of an incremental read. `dry_run`: plan
+everything, write nothing (the run ends `dry_run`; off = follow the config's `load.mode`). `approve`: pre-approve
+this run's loads over a threshold (like `reconcile run --approve`), so nothing waits for a person.
 
 * Config: `$RECONCILE_CONFIG`, default `config/reconcile.yaml` under the repository root.
-* Trigger with `{"full": true}` to force a full snapshot of every source instead of an incremental read.
 * Every task is one call into the `reconcile` library and is safe to retry: each step is idempotent for
   the Airflow run id, which is also the run id in `audit.runs`.
-* `finish_run` always runs: it records a failed run (and fails the DAG run) when an earlier task failed.
+* `finish_run` always runs: it records a failed run (and fails the DAG run) when an earlier task crashed.
 
-Parse time reads only the local YAML file: no database, connection or Variable is touched here.
+Parse time reads only the local YAML file and the environment: no database, connection or Variable is touched.
 """
 from __future__ import annotations
 
@@ -30,6 +49,10 @@ from pathlib import Path
 from airflow.sdk import Asset, Param, TriggerRule, dag, get_current_context, task
 
 from reconcile.config import Config, load_config
+
+# Beside this file (Airflow puts the DAG bundle's folder on sys.path); listed in .airflowignore.
+from reconcile_alerts import ReconcileAlert
+from reconcile_approval import LoadApprovalOperator, approval_timeout
 
 CONFIG_ENV = "RECONCILE_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "reconcile.yaml"
@@ -64,7 +87,9 @@ def read_config() -> Config:
             f"reconcile config not found at {path}: set the environment variable {CONFIG_ENV} to your "
             f"reconcile.yaml (default when unset: {DEFAULT_CONFIG}); `reconcile demo init DIR` writes a demo one"
         )
-    return load_config(path)
+    # Eligibility expressions are parsed by begin_run, not here: sqlglot is slow to import and this file
+    # is parsed often.
+    return load_config(path, check_expressions=False)
 
 
 def table_asset(table: str, entity: str) -> Asset:
@@ -82,16 +107,30 @@ def _connection_urls(cfg: Config, system: str) -> dict[str, str] | None:
     return {system: Connection.get(conn_id).get_uri()}
 
 
+def _task_states(ctx) -> dict[str, str]:
+    """This run's task states by task id (mapped instances as `<task>_<map_index>`), from the Task SDK."""
+    ti, run_id = ctx["ti"], ctx["run_id"]
+    return ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id]).get(run_id, {})
+
+
+def _of_task(states: dict[str, str], task_id: str) -> dict[str, str]:
+    """The states of one task: unmapped (`validate`) or its mapped instances (`validate_0`, ...)."""
+    return {k: v for k, v in states.items()
+            if k == task_id or (k.rsplit("_", 1)[0] == task_id and k.rsplit("_", 1)[1].isdigit())}
+
+
 def build_dag(cfg: Config, entity: str):
     """The DAG `reconcile_<entity>`, the same stages in the same order as `runner.run_entity` (the CLI).
 
     begin_run -> extract[system] -> load_staging -> validate[system] -> apply_gates -> resolve_identity
-    -> build_golden -> guard_collisions -> plan_changes -> load[target] -> finish_run; [system] and [target] are
-    one mapped task instance per system, named after it in the UI. Every body is one library call with plain
-    values read from the task context (load first asks the library whether the target may be written).
+    -> build_golden -> guard_collisions -> plan_changes -> check_approval -> load[target] -> finish_run, and,
+    only when a load waits for approval, check_approval -> approve_load -> load_approved[target] -> finish_run.
+    [system] and [target] are one mapped task instance per system, named after it in the UI. Every body is one
+    library call with plain values read from the task context.
     """
     systems = sorted(cfg.entities[entity].sources)
     per_system = {"map_index_template": "{{ task.op_kwargs['system'] }}"}
+    per_target = {"map_index_template": "{{ task.op_kwargs['target'] }}"}
 
     @dag(
         dag_id=f"reconcile_{entity}",
@@ -102,7 +141,13 @@ def build_dag(cfg: Config, entity: str):
         tags=["reconcile", entity],
         doc_md=f"{__doc__}\n**This DAG:** entity `{entity}` from {', '.join(systems)} (config `{cfg.path}`).",
         default_args=DEFAULT_ARGS,
-        params={"full": Param(False, type="boolean", description="Force a full snapshot of every source")},
+        params={
+            "full": Param(False, type="boolean", description="Force a full snapshot of every source"),
+            "dry_run": Param(False, type="boolean",
+                             description="Plan everything, write nothing (off: follow the config's load.mode)"),
+            "approve": Param(False, type="boolean",
+                             description="Pre-approve this run's loads over a threshold (no approval task)"),
+        },
     )
     def reconcile_entity():
         @task
@@ -129,15 +174,32 @@ def build_dag(cfg: Config, entity: str):
 
         @task(**per_system)
         def validate(system: str) -> dict:
+            from airflow.sdk.exceptions import AirflowFailException
             from reconcile import runner
 
-            return runner.validate_system(cfg, entity, system, get_current_context()["run_id"], progress=log.info)
+            ctx = get_current_context()
+            result = runner.validate_system(cfg, entity, system, ctx["run_id"], progress=log.info)
+            if result["errors"]:  # already saved for apply_gates: fail visibly, without a retry, and alert
+                message = (f"error gate(s) failed on staging.{system}__{entity}: {', '.join(result['errors'])}; "
+                           f"writes depending on {system} are blocked")
+                ReconcileAlert("gates_failed", message, {"entity": entity, "system": system,
+                                                         "failed": result["errors"],
+                                                         "warnings": result["warnings"]})(ctx)
+                raise AirflowFailException(message)
+            return result
 
-        @task
+        # Runs after a failed gate too (all_done): gate outcomes must be recorded and writes blocked.
+        @task(trigger_rule=TriggerRule.ALL_DONE)
         def apply_gates() -> dict:
+            from airflow.sdk.exceptions import AirflowSkipException
             from reconcile import runner
 
-            return runner.apply_gates(cfg, entity, get_current_context()["run_id"], progress=log.info)
+            ctx = get_current_context()
+            not_run = {k: v for k, v in _of_task(_task_states(ctx), "validate").items()
+                       if v not in ("success", "failed")}
+            if not_run:  # staging never completed: nothing to gate; finish_run reports the cause
+                raise AirflowSkipException(f"validation did not run ({not_run}): an earlier task failed")
+            return runner.apply_gates(cfg, entity, ctx["run_id"], progress=log.info)
 
         @task
         def resolve_identity() -> dict:
@@ -161,21 +223,58 @@ def build_dag(cfg: Config, entity: str):
         def plan_changes() -> dict:
             from reconcile import runner
 
-            return runner.plan_changes(cfg, entity, get_current_context()["run_id"], progress=log.info)
+            ctx = get_current_context()
+            return runner.plan_changes(cfg, entity, ctx["run_id"], dry_run=True if ctx["params"]["dry_run"] else None,
+                                       approve=bool(ctx["params"]["approve"]), progress=log.info)
 
-        @task(map_index_template="{{ task.op_kwargs['target'] }}")
-        def load(target: str) -> dict:
+        @task.branch
+        def check_approval() -> list[str]:
+            """`load` always; `approve_load` only when a target's load waits for approval."""
+            import reconcile_approval
+            from reconcile import runner
+
+            ctx = get_current_context()
+            run_id = ctx["run_id"]
+            states = runner.targets_to_load(cfg, entity, run_id)
+            follow = reconcile_approval.follow(states)
+            if reconcile_approval.APPROVAL_TASK in follow:
+                request = reconcile_approval.approval_request(
+                    cfg, entity, run_id, ctx["ti"].xcom_pull(task_ids="plan_changes") or {}, states)
+                ctx["ti"].xcom_push(key="approval", value=request)
+            return follow
+
+        def load_target(target: str) -> dict:
             from airflow.sdk.exceptions import AirflowSkipException
             from reconcile import runner
 
             run_id = get_current_context()["run_id"]
             state = runner.targets_to_load(cfg, entity, run_id)[target]
             if state != "ok":  # awaiting_approval, rejected, dry_run, nothing: shown as skipped, never written
-                hint = (f"; `reconcile approve --run '{run_id}' --entity {entity} --target {target} --by NAME` "
-                        f"approves and loads it" if state == "awaiting_approval" else "")
+                hint = ("; approve_load asks for approval" if state == "awaiting_approval" else "")
                 raise AirflowSkipException(f"not loading {target}: {state}{hint}")
             return runner.load_changes(cfg, entity, run_id, target, url_overrides=_connection_urls(cfg, target),
                                        progress=log.info)
+
+        @task(**per_target)
+        def load(target: str) -> dict:
+            return load_target(target)
+
+        @task(**per_target)
+        def load_approved(target: str) -> dict:
+            return load_target(target)
+
+        approve_load = LoadApprovalOperator(
+            task_id="approve_load",
+            reconcile_config=cfg,
+            entity=entity,
+            subject="{{ ti.xcom_pull(task_ids='check_approval', key='approval')['subject'] }}",
+            body="{{ ti.xcom_pull(task_ids='check_approval', key='approval')['body'] }}",
+            defaults=LoadApprovalOperator.REJECT,  # no answer means no write
+            response_timeout=approval_timeout(),
+            notifiers=[ReconcileAlert("approval_requested",
+                                      f"loads of {entity} over a change threshold wait for approval "
+                                      f"(Airflow: Required actions; no answer rejects them)", {"entity": entity})],
+        )
 
         @task(trigger_rule=TriggerRule.ALL_DONE)  # always runs: a failed run is recorded, then fails visibly
         def finish_run() -> dict:
@@ -184,23 +283,38 @@ def build_dag(cfg: Config, entity: str):
 
             ctx = get_current_context()
             ti, run_id = ctx["ti"], ctx["run_id"]
-            states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id]).get(run_id, {})
-            bad = {t: s for t, s in states.items() if t != ti.task_id and s not in ("success", "skipped")}
+            states = _task_states(ctx)
+            # A validate task that failed on its error gates (recorded by apply_gates) is a blocked write, not
+            # a crash; any other failure is.
+            gates = ti.xcom_pull(task_ids="apply_gates") or {}
+            gated = {f["system"] for f in gates.get("failures", []) if f.get("severity") == "error"}
+            gate_failures = {f"validate_{i}" for i, s in enumerate(systems) if s in gated}
+            bad = {t: s for t, s in states.items()
+                   if t != ti.task_id and s not in ("success", "skipped") and t not in gate_failures}
             failed = sorted(t for t, s in bad.items() if s == "failed") or sorted(bad)  # the cause, not the fallout
             error = f"task(s) failed: {', '.join(failed)}" if bad else None
             summary = runner.finish_run(cfg, entity, run_id, status="failed" if bad else "success",
                                         error=error, progress=log.info)
-            if summary["status"] == "failed":
+            status = summary["status"]
+            if status in ("failed", "blocked", "awaiting_approval"):
+                detail = summary.get("error") or ", ".join(
+                    f"{f['system']}: {f['expectation']}" for f in summary.get("gates", {}).get("failures", [])
+                    if f.get("severity") == "error") or "see the run's changes and gates"
+                ReconcileAlert(f"run_{status}", f"run of {entity} ended {status}: {detail}",
+                               {"entity": entity, "status": status, "changes": summary.get("changes"),
+                                "gates_held": summary.get("gates", {}).get("held")})(ctx)
+            if status == "failed":
                 ti.xcom_push(key="summary", value=summary)
                 raise AirflowFailException(f"reconcile run {run_id} of {entity} failed: {summary.get('error')}")
-            if summary["status"] != "success":  # blocked, awaiting_approval, dry_run: by design, not failures
-                log.warning("run %s of %s ended %s: see its summary (changes, gates)", run_id, entity,
-                            summary["status"])
+            if status != "success":  # blocked, awaiting_approval, dry_run: by design, not failures
+                log.warning("run %s of %s ended %s: see its summary (changes, gates)", run_id, entity, status)
             return summary
 
-        (begin_run() >> extract.expand(system=systems) >> load_staging() >> validate.expand(system=systems)
-         >> apply_gates() >> resolve_identity() >> build_golden() >> guard_collisions() >> plan_changes()
-         >> load.expand(target=systems) >> finish_run())
+        planned = (begin_run() >> extract.expand(system=systems) >> load_staging() >> validate.expand(system=systems)
+                   >> apply_gates() >> resolve_identity() >> build_golden() >> guard_collisions() >> plan_changes())
+        branch, done = check_approval(), finish_run()
+        planned >> branch >> load.expand(target=systems) >> done
+        branch >> approve_load >> load_approved.expand(target=approve_load.output) >> done
 
     return reconcile_entity()
 

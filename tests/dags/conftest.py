@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -38,16 +39,22 @@ def _airflow_test_env() -> str:
 
 
 AIRFLOW_HOME = _airflow_test_env()
+# The dag processor and the task runner put the DAG bundle's folder on sys.path; tests import the DAG file's
+# helper modules (reconcile_alerts, reconcile_approval) the same way.
+if str(DAGS_FOLDER) not in sys.path:
+    sys.path.append(str(DAGS_FOLDER))
 
 
 def _parse_dags(config: Path | str | None, monkeypatch: pytest.MonkeyPatch):
-    from airflow.dag_processing.dagbag import DagBag
+    # As the dag processor parses: a bundle DagBag puts the dags folder on sys.path, so the DAG file imports
+    # its helper modules (reconcile_alerts, reconcile_approval) from beside it.
+    from airflow.dag_processing.dagbag import BundleDagBag
 
     if config is None:
         monkeypatch.delenv("RECONCILE_CONFIG", raising=False)
     else:
         monkeypatch.setenv("RECONCILE_CONFIG", str(config))
-    return DagBag(dag_folder=str(DAGS_FOLDER))
+    return BundleDagBag(dag_folder=str(DAGS_FOLDER), bundle_path=DAGS_FOLDER)
 
 
 @pytest.fixture

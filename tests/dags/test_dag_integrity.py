@@ -17,7 +17,11 @@ DAG_FILE = REPO / "dags" / "reconcile_dags.py"
 
 # The same stages in the same order as runner.run_entity; extract, validate and load are mapped per system.
 CHAIN = ["begin_run", "extract", "load_staging", "validate", "apply_gates", "resolve_identity", "build_golden",
-         "guard_collisions", "plan_changes", "load", "finish_run"]
+         "guard_collisions", "plan_changes", "check_approval", "load", "finish_run"]
+# The branch check_approval -> approve_load -> load_approved -> finish_run, taken only when a load needs approval.
+APPROVAL = ["check_approval", "approve_load", "load_approved", "finish_run"]
+# Run even when an upstream task failed: gate outcomes are recorded after a failed gate; the run is recorded.
+ALL_DONE = {"apply_gates", "finish_run"}
 # Never imported when the DAG file is parsed: the dag processor parses every few seconds.
 HEAVY_MODULES = {"duckdb", "pyarrow", "pandas", "great_expectations", "reconcile.runner", "reconcile.warehouse",
                  "reconcile.stages", "reconcile.connectors"}
@@ -42,6 +46,8 @@ def test_dag_settings(dag_bag, demo_config, dag_id):
     assert dag.max_active_runs == 1
     assert dag.doc_md and f"`{entity}`" in dag.doc_md
     assert dag.params["full"] is False
+    assert dag.params["dry_run"] is False  # off: follow the config's load.mode
+    assert dag.params["approve"] is False  # off: a load over a threshold waits for approval
     for t in dag.tasks:
         assert t.retries >= 1, f"{t.task_id} has no retries"
 
@@ -53,7 +59,7 @@ def test_dag_tasks(dag_bag, demo_config, dag_id):
     dag = dag_bag.dags[dag_id]
     entity = dag_id.removeprefix("reconcile_")
     systems = sorted(cfg.entities[entity].sources)
-    assert set(dag.task_ids) == set(CHAIN)
+    assert set(dag.task_ids) == set(CHAIN) | set(APPROVAL)
 
     extract = dag.get_task("extract")
     for task_id, arg in (("extract", "system"), ("validate", "system"), ("load", "target")):
@@ -66,10 +72,15 @@ def test_dag_tasks(dag_bag, demo_config, dag_id):
     assert extract.retry_exponential_backoff > 0
     assert extract.max_retry_delay and extract.max_retry_delay <= timedelta(hours=1)
 
+    branches = {"check_approval": {"load", "approve_load"}}
     for task_id, following in zip(CHAIN, CHAIN[1:] + [None]):
-        assert dag.get_task(task_id).downstream_task_ids == ({following} if following else set()), task_id
+        expected = branches.get(task_id) or ({following} if following else set())
+        assert dag.get_task(task_id).downstream_task_ids == expected, task_id
+    for task_id, following in zip(APPROVAL[1:], APPROVAL[2:]):
+        assert dag.get_task(task_id).downstream_task_ids == {following}, task_id
     assert dag.get_task("finish_run").trigger_rule == "all_done", "finish_run must record failed runs too"
-    assert all(dag.get_task(t).trigger_rule == "all_success" for t in CHAIN[:-1])
+    assert dag.get_task("apply_gates").trigger_rule == "all_done", "gates must be recorded after a failed gate"
+    assert all(t.trigger_rule == "all_success" for t in dag.tasks if t.task_id not in ALL_DONE)
 
     outlets = dag.get_task("load_staging").outlets
     assert sorted(a.name for a in outlets) == [f"staging.{s}__{entity}" for s in systems]
@@ -82,6 +93,7 @@ def test_parse_time_and_no_heavy_imports(demo_config):
     code = f"""
 import json, runpy, sys, time
 import airflow.sdk
+sys.path.append({str(DAG_FILE.parent)!r})  # as the dag processor does: the bundle folder is importable
 before = set(sys.modules)
 t0 = time.perf_counter()
 runpy.run_path({str(DAG_FILE)!r})
@@ -142,3 +154,42 @@ def test_several_entities_and_no_schedule(demo_config, parse_dags):
         assert dag.schedule is None  # manual runs only
     assert {a.name for a in bag.dags["reconcile_lead"].get_task("load_staging").outlets} == {
         "staging.crm__lead", "staging.marketing__lead", "staging.erp__lead"}
+
+
+def test_approval_task(dag_bag, dag_id):
+    """approve_load is Airflow's ApprovalOperator: no answer within a bounded time means Reject, no write."""
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+    from reconcile_alerts import ReconcileAlert
+
+    dag = dag_bag.dags[dag_id]
+    approve = dag.get_task("approve_load")
+    assert isinstance(approve, ApprovalOperator)
+    assert approve.options == ["Approve", "Reject"] and approve.multiple is False
+    assert approve.defaults == ["Reject"]
+    assert approve.response_timeout == timedelta(hours=12)  # default of RECONCILE_APPROVAL_TIMEOUT_HOURS
+    assert approve.execution_timeout is None  # the wait is bounded by response_timeout, not a kill
+    assert "check_approval" in approve.subject and "check_approval" in approve.body  # rendered per run
+    assert any(isinstance(n, ReconcileAlert) and n.event == "approval_requested" for n in approve.notifiers)
+    loads = dag.get_task("load_approved")
+    assert isinstance(loads, MappedOperator) and "target" in loads.map_index_template
+    assert dag.get_task("check_approval").task_type == "_BranchPythonDecoratedOperator"
+
+
+def test_approval_timeout_from_the_environment(demo_config, parse_dags, monkeypatch):
+    monkeypatch.setenv("RECONCILE_APPROVAL_TIMEOUT_HOURS", "1.5")
+    bag = parse_dags(demo_config)
+    assert bag.dags["reconcile_contact"].get_task("approve_load").response_timeout == timedelta(minutes=90)
+    for bad in ("0", "-3", "soon", "inf"):
+        monkeypatch.setenv("RECONCILE_APPROVAL_TIMEOUT_HOURS", bad)
+        (error,) = parse_dags(demo_config).import_errors.values()
+        assert "RECONCILE_APPROVAL_TIMEOUT_HOURS" in error and "never wait forever" in error
+
+
+def test_branch_reaches_approval_only_when_a_load_waits_for_it():
+    from reconcile_approval import follow
+
+    assert follow({"crm": "ok", "marketing": "nothing", "erp": "dry_run"}) == ["load"]
+    assert follow({"crm": "rejected", "marketing": "ok"}) == ["load"]
+    assert follow({}) == ["load"]
+    assert follow({"crm": "ok", "marketing": "awaiting_approval"}) == ["load", "approve_load"]

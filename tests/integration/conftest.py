@@ -55,11 +55,12 @@ def dags_for(monkeypatch):
     """dags_for(config) -> {dag_id: DAG} parsed from our dags folder with RECONCILE_CONFIG=config.
 
     The variable stays set for the whole test, because dag.test() re-parses the folder to record the DAG."""
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow.dag_processing.dagbag import BundleDagBag
 
     def _dags(config: Path) -> dict:
         monkeypatch.setenv("RECONCILE_CONFIG", str(config))
-        bag = DagBag(dag_folder=str(DAGS_FOLDER))
+        # A bundle DagBag, as the dag processor and dag.test() use: the dags folder is on sys.path.
+        bag = BundleDagBag(dag_folder=str(DAGS_FOLDER), bundle_path=DAGS_FOLDER)
         assert not bag.import_errors, bag.import_errors
         return bag.dags
 
