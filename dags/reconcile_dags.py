@@ -297,9 +297,12 @@ def build_dag(cfg: Config, entity: str):
                                         error=error, progress=log.info)
             status = summary["status"]
             if status in ("failed", "blocked", "awaiting_approval"):
-                detail = summary.get("error") or ", ".join(
-                    f"{f['system']}: {f['expectation']}" for f in summary.get("gates", {}).get("failures", [])
-                    if f.get("severity") == "error") or "see the run's changes and gates"
+                gate_errors = [f"{f['system']}: {f['expectation']}"
+                               for f in summary.get("gates", {}).get("failures", []) if f.get("severity") == "error"]
+                held = {t: c["held"] for t, c in sorted(summary.get("changes", {}).items()) if c.get("held")}
+                detail = (summary.get("error") or (gate_errors and "error gates failed: " + ", ".join(gate_errors))
+                          or (held and "changes held back: " + ", ".join(f"{t} {n}" for t, n in held.items()))
+                          or "see the run's changes and gates")
                 ReconcileAlert(f"run_{status}", f"run of {entity} ended {status}: {detail}",
                                {"entity": entity, "status": status, "changes": summary.get("changes"),
                                 "gates_held": summary.get("gates", {}).get("held")})(ctx)

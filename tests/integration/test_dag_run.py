@@ -212,6 +212,7 @@ def test_failed_error_gate_fails_validate_alerts_and_blocks_dependent_loads(airf
     assert gates["details"]["system"] == "marketing" and gates["details"]["failed"] == ["picklist:lifecycle"]
     assert "picklist:lifecycle" in gates["message"]
     assert [a["event"] for a in _alerts(alert_file)] == ["gates_failed", "run_blocked"]
+    assert "error gates failed: marketing: picklist:lifecycle" in _alerts(alert_file)[1]["message"]
 
 
 def test_dry_run_param_writes_nothing(airflow_db, dags_for, tmp_path, monkeypatch):
