@@ -74,6 +74,9 @@ CRM = [  # contactid, email, first, last, phone, company, modifiedon, reconcile_
     ("S2", "siobhan@example.org", "Siobhan", "OBrien", "6175550184", "Harbor", "2026-01-02 12:00:00", None),
     ("D", "Dana.Whitfield@Lumen.example ", "Dana", "Whitfield", "4155550103", "Lumen", "2026-01-03 10:00:00", None),
     ("K", "kasia@nowak.example", "Katarzyna", "Nowakowska", "4155550111", "Nowak GmbH", "2026-01-04 10:00:00", None),
+    # the same Katarzyna entered again under another email, phone typed differently: a duplicate by score
+    ("K2", "k.nowakowska@nowak.example", "Katarzyna", "Nowakowska", "(415) 555-0111", "Nowak GmbH",
+     "2026-01-06 10:00:00", None),
 ]
 MARKETING = [  # vid, email, first, last, crm_guid, updated_at
     (1, "info@shared.example", "Maria", "Schmidt", None, "2026-01-01T09:00:00Z"),
@@ -118,7 +121,7 @@ def test_first_night_links_only_certain_matches(systems):
     s = night(cfg, 1)
     links = xref(cfg)
     # every CRM record got its own xid: never two records of one system on one xid automatically
-    assert len({links[("crm", k)] for k in ("A", "B", "S1", "S2", "D", "K")}) == 6
+    assert len({links[("crm", k)] for k in ("A", "B", "S1", "S2", "D", "K", "K2")}) == 7
     # email case/whitespace variants across systems: linked
     assert links[("marketing", "2")] == links[("crm", "D")]
     # a stored ID (marketing holds the CRM GUID) links even though the emails differ
@@ -127,8 +130,8 @@ def test_first_night_links_only_certain_matches(systems):
     assert ("marketing", "1") not in links and ("marketing", "3") not in links
     # ERP typo without email: not linked
     assert ("erp", "E1") not in links
-    assert s["identity"]["by_rule"] == {"external_id:crm": 1, "match:email": 1, "minted": 6}
-    assert (s["identity"]["new_xids"], s["identity"]["linked"]) == (6, 8)
+    assert s["identity"]["by_rule"] == {"external_id:crm": 1, "match:email": 1, "minted": 7}
+    assert (s["identity"]["new_xids"], s["identity"]["linked"]) == (7, 9)
 
 
 def test_shared_mailbox_goes_to_review_with_both_candidates(systems):
@@ -146,8 +149,11 @@ def test_twice_entered_person_is_a_duplicate_candidate_not_merged(systems):
     night(cfg, 1)
     links = xref(cfg)
     dups = {tuple(r["record_key"] for r in i["details"]["records"]): i for i in items(cfg, "duplicate")}
-    assert set(dups) == {("A", "B"), ("S1", "S2")}  # same normalised email within CRM
-    assert links[("crm", "S1")] != links[("crm", "S2")]
+    # same normalised email within CRM (exact rule), and a look-alike by score (probabilistic rule)
+    assert set(dups) == {("A", "B"), ("S1", "S2"), ("K", "K2")}
+    assert links[("crm", "S1")] != links[("crm", "S2")] and links[("crm", "K")] != links[("crm", "K2")]
+    by_score = dups[("K", "K2")]["details"]
+    assert by_score["rule"] == "name_phone" and by_score["score"] == 1.0
 
 
 def test_erp_typo_without_email_is_a_scored_candidate(systems):
@@ -156,8 +162,10 @@ def test_erp_typo_without_email_is_a_scored_candidate(systems):
     links = xref(cfg)
     cands = {(i["details"]["system"], i["details"]["record_key"]): i for i in items(cfg, "candidate")}
     erp = cands[("erp", "E1")]["details"]
-    (best,) = erp["candidates"]
-    assert best["xid"] == links[("crm", "K")] and best["record_key"] == "K"
+    # both CRM Katarzynas (K and its duplicate K2) are candidates; K is shown with its evidence
+    assert {c["record_key"] for c in erp["candidates"]} == {"K", "K2"}
+    best = next(c for c in erp["candidates"] if c["record_key"] == "K")
+    assert best["xid"] == links[("crm", "K")]
     assert 0.95 <= best["score"] < 1.0
     assert best["evidence"]["phone"]["similarity"] == 1.0
     assert best["evidence"]["last_name"] == {"a": "nowakowsak", "b": "nowakowska", "similarity": 0.98}

@@ -195,6 +195,9 @@ def resolve(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dic
                 _probabilistic_rule(r, rule)
         _orphans(r)
         _duplicates(r)
+        for rule in ent.match:
+            if rule.type == "probabilistic":
+                _probabilistic_duplicates(r, rule)
         _retire(r)
         # Items of identity kinds not seen this run no longer apply (the record linked, the duplicate went away).
         con.execute(
@@ -338,6 +341,47 @@ def _probabilistic_rule(r: _Run, rule) -> None:
               SELECT i.system || '|' || (i.details->>'record_key') FROM review.items i JOIN _seen_items USING (item_id)
               WHERE i.kind = 'candidate')
         GROUP BY system, record_key""")
+
+
+def _probabilistic_duplicates(r: _Run, rule) -> None:
+    """Within one system, records scoring at or above review_threshold are duplicate candidates (never merged)."""
+    sims = []
+    for f in rule.fields:
+        if f in rule.exact:
+            sims.append(f"CASE WHEN a.{q(f)} IS NULL OR b.{q(f)} IS NULL THEN NULL "
+                        f"WHEN a.{q(f)} = b.{q(f)} THEN 1.0 ELSE 0.0 END")
+        else:
+            sims.append(f"CASE WHEN a.{q(f)} IS NULL OR b.{q(f)} IS NULL THEN NULL "
+                        f"ELSE jaro_winkler_similarity(a.{q(f)}, b.{q(f)}) END")
+    blocks = " UNION ".join(
+        "SELECT a.system, a.record_key AS a_key, b.record_key AS b_key FROM _recs a JOIN _recs b ON "
+        + " AND ".join(f"a.{q(f)} = b.{q(f)}" for f in (e if isinstance(e, list) else [e]))
+        + " AND a.system = b.system AND a.record_key < b.record_key" for e in rule.block_on)
+    e = sql_literal(r.entity)
+    r.items_from("duplicate", f"""
+        WITH p AS ({blocks}),
+             scored AS (
+                SELECT p.system, p.a_key, p.b_key,
+                       list_avg(list_filter([{', '.join(sims)}], lambda s: s IS NOT NULL)) AS score,
+                       len(list_filter([{', '.join(sims)}], lambda s: s IS NOT NULL)) AS n
+                FROM p JOIN _recs a ON a.system = p.system AND a.record_key = p.a_key
+                       JOIN _recs b ON b.system = p.system AND b.record_key = p.b_key)
+        SELECT s.system, s.system || '|' || {sql_literal(rule.name)} || '|' || s.a_key || '|' || s.b_key AS item_key,
+               '2 ' || s.system || ' records look alike (' || {sql_literal(rule.name)} || ', score ' ||
+               round(s.score, 3) || '): same person entered twice?' AS title,
+               to_json(struct_pack(system := s.system, rule := {sql_literal(rule.name)}, score := round(s.score, 4),
+                   records := [struct_pack(record_key := s.a_key, xid := xa.xid),
+                               struct_pack(record_key := s.b_key, xid := xb.xid)],
+                   why := 'within-system duplicate by score: decide merge or distinct')) AS details
+        FROM scored s
+        LEFT JOIN identity.xref xa ON xa.entity = {e} AND xa.system = s.system AND xa.record_key = s.a_key
+        LEFT JOIN identity.xref xb ON xb.entity = {e} AND xb.system = s.system AND xb.record_key = s.b_key
+        WHERE s.n >= 2 AND s.score >= {rule.review_threshold}
+          -- pairs an exact rule already flagged as duplicates are not repeated
+          AND NOT EXISTS (SELECT 1 FROM review.items i JOIN _seen_items USING (item_id)
+                          WHERE i.kind = 'duplicate' AND i.system = s.system
+                            AND contains(CAST(i.details AS VARCHAR), '"' || s.a_key || '"')
+                            AND contains(CAST(i.details AS VARCHAR), '"' || s.b_key || '"'))""")
 
 
 def _orphans(r: _Run) -> None:
