@@ -287,8 +287,9 @@ def _exact_rule(r: _Run, rule, final: bool) -> None:
         GROUP BY kd.system, kd.record_key, kd.k""")
 
 
-def _probabilistic_rule(r: _Run, rule) -> None:
-    e = sql_literal(r.entity)
+def _similarities(rule) -> list[str]:
+    """Per-field similarity of records a and b (NULL when either side is empty): equality for `exact`
+    fields, Jaro-Winkler for the others."""
     sims = []
     for f in rule.fields:
         if f in rule.exact:
@@ -297,6 +298,12 @@ def _probabilistic_rule(r: _Run, rule) -> None:
         else:
             sims.append(f"CASE WHEN a.{q(f)} IS NULL OR b.{q(f)} IS NULL THEN NULL "
                         f"ELSE jaro_winkler_similarity(a.{q(f)}, b.{q(f)}) END")
+    return sims
+
+
+def _probabilistic_rule(r: _Run, rule) -> None:
+    e = sql_literal(r.entity)
+    sims = _similarities(rule)
     def block(entry) -> str:
         fs = entry if isinstance(entry, list) else [entry]
         on = " AND ".join(f"a.{q(f)} = b.{q(f)}" for f in fs)
@@ -345,14 +352,7 @@ def _probabilistic_rule(r: _Run, rule) -> None:
 
 def _probabilistic_duplicates(r: _Run, rule) -> None:
     """Within one system, records scoring at or above review_threshold are duplicate candidates (never merged)."""
-    sims = []
-    for f in rule.fields:
-        if f in rule.exact:
-            sims.append(f"CASE WHEN a.{q(f)} IS NULL OR b.{q(f)} IS NULL THEN NULL "
-                        f"WHEN a.{q(f)} = b.{q(f)} THEN 1.0 ELSE 0.0 END")
-        else:
-            sims.append(f"CASE WHEN a.{q(f)} IS NULL OR b.{q(f)} IS NULL THEN NULL "
-                        f"ELSE jaro_winkler_similarity(a.{q(f)}, b.{q(f)}) END")
+    sims = _similarities(rule)
     blocks = " UNION ".join(
         "SELECT a.system, a.record_key AS a_key, b.record_key AS b_key FROM _recs a JOIN _recs b ON "
         + " AND ".join(f"a.{q(f)} = b.{q(f)}" for f in (e if isinstance(e, list) else [e]))
