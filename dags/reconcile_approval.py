@@ -59,19 +59,14 @@ def approval_request(cfg, entity: str, run_id: str, plan: Mapping[str, Any], sta
 
     Publishes the warehouse first, so that `reconcile changes --run` (which reads the published file) lists
     the whole changeset while the approval waits: a consistent snapshot, taken after planning."""
-    from reconcile.warehouse import open_work, publish
+    from reconcile import list_changes
+    from reconcile.warehouse import publish
 
     targets = sorted(t for t, s in states.items() if s == "awaiting_approval")
     publish(cfg)
-    marks = ", ".join("?" * len(targets))
-    with open_work(cfg, read_only=True) as con:
-        # TODO(library): a runner function listing a run's changes would keep SQL out of the DAG folder.
-        rows = con.execute(
-            f"""SELECT target, operation, coalesce(record_key, '(new)'), field, before_value,
-                       coalesce(after_value, after_raw) FROM audit.changes
-                WHERE run_id = ? AND entity = ? AND status = 'planned' AND target IN ({marks})
-                ORDER BY target, operation, record_key, field LIMIT ?""",
-            [run_id, entity, *targets, sample]).fetchall()
+    found = list_changes(cfg, run_id=run_id, entity=entity, status="planned", targets=targets, limit=sample)
+    rows = [(r["target"], r["operation"], r["record_key"] or "(new)", r["field"], r["before_value"],
+             r["after_value"] if r["after_value"] is not None else r["after_raw"]) for r in found["rows"]]
     per_target = plan.get("targets", {})
     timeout_h = approval_timeout().total_seconds() / 3600
     lines = [
@@ -98,7 +93,11 @@ def approval_request(cfg, entity: str, run_id: str, plan: Mapping[str, Any], sta
     lines += ["", f"Sample ({len(rows)} of the changes waiting for this decision):", "",
               "| target | operation | record | field | before | after |", "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(_cell(v, 40 if i < 4 else 48) for i, v in enumerate(r)) + " |" for r in rows]
-    lines += ["", "The full list:", "",
+    from urllib.parse import quote
+
+    lines += ["", f"The full list, every change with its before and after values (creates show the record): "
+                  f"[Changes and approvals](/reconcile/changes?run_id={quote(run_id, safe='')}) in the reconcile "
+                  f"menu, or:", "",
               f"    reconcile changes --config {cfg.path} --run '{run_id}' --csv changes.csv"]
     return {
         "targets": targets,

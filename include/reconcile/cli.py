@@ -10,7 +10,7 @@ import os
 import sys
 from datetime import datetime, timezone
 
-from . import runner
+from . import __version__, runner
 from .config import json_schema, load_config
 from .errors import ConfigError, ReconcileError
 
@@ -28,21 +28,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Nightly reconciliation of business systems (CRM, marketing, ERP) into a DuckDB warehouse.",
         epilog="Docs: README.md and docs/ (configuration.md, warehouse.md, operations.md).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="demo systems to try reconcile on")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True, metavar="SUBCOMMAND")
     init = demo_sub.add_parser("init", help="write a demo config, three SQLite systems and an answer key into DIR")
-    init.add_argument("directory", metavar="DIR")
+    init.add_argument("directory", metavar="DIR", help="folder to write into (created if missing)")
     init.add_argument("--people", type=int, default=200, help="number of real people behind the records (default 200)")
     init.add_argument("--seed", type=int, default=7, help="random seed; same seed, same data (default 7)")
     init.add_argument("--force", action="store_true", help="replace an existing demo in DIR")
+    init.add_argument("--json", action="store_true", help="print what was written as one JSON object on stdout")
 
-    check = sub.add_parser("check-config", help="validate a config; exit 2 listing every problem")
-    check.add_argument("config_path", metavar="CONFIG", nargs="?",
-                       default=os.environ.get(DEFAULT_CONFIG_ENV, "reconcile.yaml"))
+    check = sub.add_parser("check-config", help="validate a config; exit 2 listing every problem (schema and "
+                                                "cross-field rules, in one pass)")
+    _config_arg(check)
+    check.add_argument("config_path", metavar="CONFIG", nargs="?", default=None,
+                       help="the config file (same as --config; kept for compatibility)")
     check.add_argument("--connect", action="store_true",
                        help="also connect to every system and check tables and columns exist")
+    check.add_argument("--json", action="store_true",
+                       help='print {"config", "ok", "problems": [{path, line, message}], ...} on stdout')
 
     for name, help_ in (("run", "run every stage for an entity (or all entities)"),
                         ("extract", "extract sources into the warehouse's staging tables")):
@@ -61,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="list recent runs with their status and counts")
     _config_arg(status)
-    status.add_argument("--limit", type=int, default=10)
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--limit", type=int, default=10, help="how many runs (default 10)")
+    status.add_argument("--entity", "-e", help="only runs of this entity")
+    status.add_argument("--json", action="store_true", help="print the runs as a JSON list on stdout")
 
     ch = sub.add_parser("changes", help="show the changes a run planned and what became of them")
     _config_arg(ch)
@@ -70,39 +78,40 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--target", "-t", help="only changes into this system")
     ch.add_argument("--status", help="only changes with this status (planned, held, applied, failed, ...)")
     ch.add_argument("--csv", metavar="FILE", help="write every matching change to a CSV file")
+    ch.add_argument("--operation", help="only this operation (create, update, link, archive, erase)")
     ch.add_argument("--limit", type=int, default=50, help="rows to print (default 50)")
-    ch.add_argument("--json", action="store_true")
+    ch.add_argument("--json", action="store_true", help="print every matching change as a JSON list on stdout")
 
     ap = sub.add_parser("approve", help="approve (or --reject) a run's loads that wait for approval, then load them")
     _config_arg(ap)
-    ap.add_argument("--run", dest="run_id", required=True)
-    ap.add_argument("--entity", "-e")
+    ap.add_argument("--run", dest="run_id", required=True, help="the run whose loads wait for approval")
+    ap.add_argument("--entity", "-e", help="the entity (needed when the config has several)")
     ap.add_argument("--target", "-t", action="append", help="only this target (repeatable)")
     ap.add_argument("--by", required=True, help="who approves (kept with the approval)")
-    ap.add_argument("--note")
+    ap.add_argument("--note", help="a note kept with the approval")
     ap.add_argument("--reject", action="store_true", help="reject: nothing is written")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
 
     ld = sub.add_parser("load", help="(re)load a run's approved changes; resumes an interrupted load")
     _config_arg(ld)
-    ld.add_argument("--run", dest="run_id", required=True)
-    ld.add_argument("--entity", "-e")
-    ld.add_argument("--target", "-t", action="append")
-    ld.add_argument("--json", action="store_true")
+    ld.add_argument("--run", dest="run_id", required=True, help="the run whose changes to load")
+    ld.add_argument("--entity", "-e", help="the entity (needed when the config has several)")
+    ld.add_argument("--target", "-t", action="append", help="only this target (repeatable)")
+    ld.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
 
     rb = sub.add_parser("rollback", help="revert a run's applied changes from their before-images")
     _config_arg(rb)
-    rb.add_argument("--run", dest="run_id", required=True)
-    rb.add_argument("--entity", "-e")
-    rb.add_argument("--target", "-t")
-    rb.add_argument("--json", action="store_true")
+    rb.add_argument("--run", dest="run_id", required=True, help="the run whose applied changes to revert")
+    rb.add_argument("--entity", "-e", help="the entity (needed when the config has several)")
+    rb.add_argument("--target", "-t", help="only this target (default: every target)")
+    rb.add_argument("--json", action="store_true", help="print the outcome per target as JSON on stdout")
 
     gates = sub.add_parser("gates", help="show quality gate outcomes of a run (default: the latest run)")
     _config_arg(gates)
     gates.add_argument("--run", dest="run_id", help="run id (default: the latest run)")
     gates.add_argument("--entity", "-e", help="only this entity")
     gates.add_argument("--failed", action="store_true", help="only expectations that were not met")
-    gates.add_argument("--json", action="store_true")
+    gates.add_argument("--json", action="store_true", help="print the outcomes as one JSON object on stdout")
 
     lineage = sub.add_parser("lineage", help="everything held about one person: linked records, golden values with "
                                              "source and history, consent, changes (answers a DSAR)")
@@ -112,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--xid", help="the person's cross-system id")
     who.add_argument("--record", metavar="SYSTEM:KEY", help="one of the person's records, e.g. crm:0031x00000AbCd")
     lineage.add_argument("--entity", "-e", help="only this entity (default: every entity)")
-    lineage.add_argument("--json", action="store_true")
+    lineage.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
 
     erase = sub.add_parser("erase", help="record an erasure request: the person is suppressed from golden records "
                                          "from now on, and never re-created by later extracts")
@@ -123,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--reason", required=True, help="why (e.g. the DSAR ticket); kept with the request")
     erase.add_argument("--by", help="who asked for it (default: the current user)")
     erase.add_argument("--entity", "-e", help="only this entity (default: every entity)")
-    erase.add_argument("--json", action="store_true")
+    erase.add_argument("--json", action="store_true", help="print the erasure as one JSON object on stdout")
 
     review = sub.add_parser("review", help="the review queue: list, show and decide items")
     review_sub = review.add_subparsers(dest="review_command", required=True, metavar="SUBCOMMAND")
@@ -131,24 +140,40 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(rl)
     rl.add_argument("--kind", help="collision | candidate | orphan | duplicate | conflict")
     rl.add_argument("--status", default="open", help="open (default) | decided | ignored | resolved | all")
-    rl.add_argument("--entity", "-e")
-    rl.add_argument("--limit", type=int, default=50)
-    rl.add_argument("--json", action="store_true")
+    rl.add_argument("--entity", "-e", help="only items of this entity")
+    rl.add_argument("--system", "-s", help="only items about this system")
+    rl.add_argument("--limit", type=int, default=50, help="how many items (default 50), highest priority first")
+    rl.add_argument("--json", action="store_true", help="print the items as a JSON list on stdout")
     rs = review_sub.add_parser("show", help="show one item with every side and its decisions")
     _config_arg(rs)
-    rs.add_argument("item_id", metavar="ITEM")
-    rs.add_argument("--json", action="store_true")
+    rs.add_argument("item_id", metavar="ITEM", help="the item id (from `review list`)")
+    rs.add_argument("--json", action="store_true", help="print the item, its details and decisions as JSON")
     rd = review_sub.add_parser("decide", help="decide an item; applied on the next run, wins over every rule")
     _config_arg(rd)
     rd.add_argument("item_id", metavar="ITEM", nargs="?", help="the item (optional for split/merge by id)")
-    rd.add_argument("--action", required=True, choices=["link", "split", "merge", "distinct", "ignore"])
+    rd.add_argument("--action", required=True, choices=["link", "split", "merge", "distinct", "ignore"],
+                    help="link a record to an xid, split it off, merge two xids, keep apart, or ignore the item")
     rd.add_argument("--xid", help="link: the target xid; merge: the xid merged away; distinct: the other side")
     rd.add_argument("--into", help="merge: the surviving xid")
     rd.add_argument("--record", help="SYSTEM:KEY of the record concerned (default: the item's record)")
-    rd.add_argument("--entity", "-e")
+    rd.add_argument("--entity", "-e", help="the entity (needed without an item when the config has several)")
     rd.add_argument("--by", required=True, help="who decides (kept with the decision)")
     rd.add_argument("--reason", required=True, help="why (kept with the decision)")
-    rd.add_argument("--json", action="store_true")
+    rd.add_argument("--json", action="store_true", help="print the decision rows written as JSON")
+
+    rep = sub.add_parser("report", help="a run's report (status and why, stages, gates, trend plots) as one "
+                                        "self-contained HTML file")
+    _config_arg(rep)
+    rep.add_argument("--run", dest="run_id", help="run id (default: the latest run)")
+    rep.add_argument("--entity", "-e", help="the entity (default: the run's first)")
+    rep.add_argument("--html", metavar="FILE", required=True, help="write the report here (no external URLs)")
+
+    flow = sub.add_parser("flow", help="the data-flow map from the config: ownership matrix, what flows where, "
+                                       "problems (writes into an owner, write cycles)")
+    _config_arg(flow)
+    flow.add_argument("--format", choices=["mermaid", "svg", "html", "json"], default="mermaid",
+                      help="mermaid (default), svg, html (a self-contained page) or json")
+    flow.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
 
     sub.add_parser("schema", help="print the config's JSON schema (for editors)")
     return parser
@@ -199,6 +224,10 @@ def _dispatch(args) -> int:
         return _lineage(args)
     if args.command == "erase":
         return _erase(args)
+    if args.command == "report":
+        return _report(args)
+    if args.command == "flow":
+        return _flow(args)
     if args.command == "schema":
         print(json.dumps(json_schema(), indent=2))
         return 0
@@ -213,6 +242,9 @@ def _demo_init(args) -> int:
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return runner.EXIT_USAGE
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
     print(f"demo written to {args.directory}:")
     print(f"  config      {result['config']}")
     for system, path in result["systems"].items():
@@ -223,16 +255,29 @@ def _demo_init(args) -> int:
 
 
 def _check_config(args) -> int:
-    cfg = load_config(args.config_path)
-    if args.connect:
-        problems = _connect_checks(cfg)
-        if problems:
-            print(f"error: {args.config_path}: {len(problems)} problem(s) against the live systems:", file=sys.stderr)
-            for p in problems:
-                print(f"  - {p}", file=sys.stderr)
-            return runner.EXIT_USAGE
+    path = args.config_path or args.config
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        if not args.json:
+            raise
+        print(json.dumps({"config": str(path), "ok": False, "problems": [
+            {"path": p.path, "line": p.line, "message": p.message} for p in e.problems]}, indent=2))
+        return runner.EXIT_USAGE
+    problems = _connect_checks(cfg) if args.connect else []
     n_sources = sum(len(e.sources) for e in cfg.entities.values())
-    print(f"{args.config_path}: ok ({len(cfg.systems)} systems, {len(cfg.entities)} entities, {n_sources} sources"
+    if args.json:
+        print(json.dumps({"config": str(path), "ok": not problems,
+                          "problems": [{"path": None, "line": None, "message": p} for p in problems],
+                          "systems": len(cfg.systems), "entities": len(cfg.entities), "sources": n_sources,
+                          "connected": bool(args.connect)}, indent=2))
+        return runner.EXIT_USAGE if problems else 0
+    if problems:
+        print(f"error: {path}: {len(problems)} problem(s) against the live systems:", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return runner.EXIT_USAGE
+    print(f"{path}: ok ({len(cfg.systems)} systems, {len(cfg.entities)} entities, {n_sources} sources"
           f"{', all reachable' if args.connect else ''})")
     return 0
 
@@ -326,18 +371,10 @@ def _print_summary(s: dict) -> None:
 
 
 def _status(args) -> int:
-    from .warehouse import open_published
+    from .queries import list_runs
 
     cfg = load_config(args.config)
-    con = open_published(cfg)
-    try:
-        rows = con.execute(
-            """SELECT run_id, entity, status, run_at, finished_at, summary FROM audit.runs
-               ORDER BY started_at DESC, entity LIMIT ?""", [args.limit]).fetchall()
-    finally:
-        con.close()
-    runs = [{"run_id": r[0], "entity": r[1], "status": r[2], "run_at": r[3], "finished_at": r[4],
-             "summary": json.loads(r[5]) if r[5] else None} for r in rows]
+    runs = list_runs(cfg, limit=args.limit, entity=args.entity)
     if args.json:
         print(json.dumps(runs, indent=2, default=str))
         return 0
@@ -355,12 +392,13 @@ def _status(args) -> int:
 
 
 def _review(args) -> int:
-    from . import review
+    from . import queries, review
 
     cfg = load_config(args.config)
     if args.review_command == "list":
-        items = review.list_items(cfg, kind=args.kind, status=None if args.status == "all" else args.status,
-                                  entity=args.entity, limit=args.limit)
+        found = queries.review_queue(cfg, kind=args.kind, status=None if args.status == "all" else args.status,
+                                     entity=args.entity, system=args.system, limit=args.limit)
+        items = found["items"]
         if args.json:
             print(json.dumps(items, indent=2, default=str))
         elif not items:
@@ -368,18 +406,15 @@ def _review(args) -> int:
         else:
             for i in items:
                 print(f"{i['item_id']:<22} {i['kind']:<10} {i['status']:<8} {i['title']}")
+            if found["total"] > len(items):
+                print(f"... {found['total'] - len(items)} more (--limit)")
         return 0
     if args.review_command == "show":
-        item = review.show_item(cfg, args.item_id)
+        item = queries.review_item(cfg, args.item_id)
         if args.json:
             print(json.dumps(item, indent=2, default=str))
         else:
-            print(f"{item['item_id']} [{item['kind']}, {item['status']}] {item['title']}")
-            print(f"  seen in runs {item['first_seen_run']} .. {item['last_seen_run']}")
-            print("  " + json.dumps(item["details"], indent=2, default=str).replace("\n", "\n  "))
-            for d in item["decisions"]:
-                print(f"  decision {d['decision_id']}: {d['action']} by {d['decided_by']} at {d['decided_at']} "
-                      f"({d['reason']}); applied in run {d['applied_run_id'] or '(next run)'}")
+            _print_item(item)
         return 0
     rows = review.decide(cfg, args.action, args.by, args.reason, item_id=args.item_id, entity=args.entity,
                          xid=args.xid, into=args.into, record=args.record)
@@ -394,6 +429,53 @@ def _review(args) -> int:
     return 0
 
 
+def _print_item(item: dict) -> None:
+    """A review item for a person: the records side by side (one column each), then the rest of its details."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=False)
+    console.print(f"{item['item_id']} [{item['kind']}, {item['status']}] {item['title']}", markup=False)
+    console.print(f"seen in runs {item['first_seen_run']} .. {item['last_seen_run']}", markup=False)
+    records = item["records"]
+    if records:
+        table = Table(show_lines=False, header_style="bold")
+        table.add_column("field")
+        for r in records:
+            table.add_column(f"{r['system']}:{r['record_key']}" + ("" if r["staged"] else "\n(not in staging)"),
+                             overflow="fold")
+        table.add_row("xid", *[_show(r["xid"]) for r in records])
+        disagree = False
+        for field in records[0]["values"]:
+            vals = [_show(r["values"].get(field)) for r in records]
+            differ = len({v for v in vals if v != "-"}) > 1
+            disagree |= differ
+            table.add_row(field + (" *" if differ else ""), *vals)
+        console.print(table)
+        if disagree:
+            console.print("(* the records disagree on this field)")
+    rest = {k: v for k, v in item["details"].items() if k not in ("records", "sides")}
+    for key, value in rest.items():
+        if key == "candidates" and isinstance(value, list):
+            for c in value:
+                ev = c.get("evidence") if isinstance(c, dict) else None
+                head = ", ".join(f"{k} {_show(v)}" for k, v in c.items() if k != "evidence") if isinstance(c, dict) \
+                    else _show(c)
+                console.print(f"candidate: {head}", markup=False)
+                if isinstance(ev, dict):
+                    for f, e in ev.items():
+                        console.print(f"    {f:<14} {json.dumps(e, default=str, ensure_ascii=False)}", markup=False)
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
+            console.print(f"{key}: {text}", markup=False)
+    console.print("what each decision would do:")
+    for action, effect in item["effects"].items():
+        console.print(f"  {action:<9} {effect}", markup=False)
+    for d in item["decisions"]:
+        console.print(f"decision {d['decision_id']}: {d['action']} by {d['decided_by']} at {d['decided_at']} "
+                      f"({d['reason']}); applied in run {d['applied_run_id'] or '(next run)'}", markup=False)
+
+
 def _entity_of(cfg, args) -> str:
     if getattr(args, "entity", None):
         cfg.entity(args.entity)
@@ -406,50 +488,35 @@ def _entity_of(cfg, args) -> str:
 def _changes(args) -> int:
     import csv
 
-    from .warehouse import open_published
+    from .queries import CHANGE_COLUMNS, list_changes
 
     cfg = load_config(args.config)
-    con = open_published(cfg)
-    try:
-        run_id = args.run_id or (con.execute(
-            """SELECT c.run_id FROM audit.changes c JOIN audit.runs r USING (run_id, entity)
-               ORDER BY r.started_at DESC LIMIT 1""").fetchone() or [None])[0]
-        if run_id is None:
-            print("no changes planned yet")
-            return 0
-        sql = """SELECT change_id, run_id, entity, target, record_key, xid, operation, field, column_name, before_value,
-                        after_value, status, reason, lineage, error, applied_at FROM audit.changes WHERE run_id = ?"""
-        params: list = [run_id]
-        for col, val in (("target", args.target), ("status", args.status)):
-            if val:
-                sql += f" AND {col} = ?"
-                params.append(val)
-        cur = con.execute(sql + " ORDER BY target, operation, record_key, field", params)
-        cols = [d[0] for d in cur.description]
-        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
-    finally:
-        con.close()
+    found = list_changes(cfg, run_id=args.run_id, target=args.target, status=args.status, operation=args.operation)
+    run_id, rows = found["run_id"], found["rows"]
+    if run_id is None:
+        print("no changes planned yet")
+        return 0
     if args.csv:
         with open(args.csv, "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=cols)
+            w = csv.DictWriter(fh, fieldnames=list(CHANGE_COLUMNS), extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
         print(f"wrote {len(rows)} changes of run {run_id} to {args.csv}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    counts: dict = {}
-    for r in rows:
-        counts.setdefault(r["target"], {}).setdefault(r["operation"], {}).setdefault(r["status"], 0)
-        counts[r["target"]][r["operation"]][r["status"]] += 1
     print(f"changes of run {run_id}")
-    for target, ops in sorted(counts.items()):
+    for target, ops in sorted(found["counts"].items()):
         for op, st in sorted(ops.items()):
             print(f"  {target:<12} {op:<8} " + ", ".join(f"{k} {v}" for k, v in sorted(st.items())))
     if not args.csv:
         for r in rows[: args.limit]:
-            print(f"  {r['target']:<10} {r['operation']:<7} {str(r['record_key'] or '(new)'):<38} {str(r['field'] or ''):<12} "
-                  f"{str(r['before_value'])[:24]!s:<24} -> {str(r['after_value'])[:24]!s:<24} {r['status']}")
+            if r["record"] is not None:  # a create: the record to be created, not a before/after pair
+                change = "new record: " + ", ".join(f"{k}={_show(v)}" for k, v in r["record"].items())
+            else:
+                change = f"{str(r['before_value'])[:24]!s:<24} -> {str(r['after_value'])[:24]!s:<24}"
+            print(f"  {r['target']:<10} {r['operation']:<7} {str(r['record_key'] or r['xid'] or '(new)'):<38} "
+                  f"{str(r['field'] or ''):<12} {change} {r['status']}")
         if len(rows) > args.limit:
             print(f"  ... {len(rows) - args.limit} more (use --csv FILE or --json for all)")
     return 0
@@ -466,18 +533,13 @@ def _after_run(args) -> int:
                         f"{len(r['not_reversible'])} not reversible" for r in out))
         return 0
     if args.command == "approve":
-        decided = runner.approve(cfg, entity, args.run_id, args.by, args.target, reject=args.reject, note=args.note)
-        print(f"{'rejected' if args.reject else 'approved'}: {', '.join(decided)}", file=sys.stderr)
-        targets = [] if args.reject else decided
+        summary = runner.decide_load(cfg, entity, args.run_id, args.by, args.target, reject=args.reject,
+                                     note=args.note, progress=progress)
+        print(f"{'rejected' if args.reject else 'approved'}: {', '.join(summary['decided'])}", file=sys.stderr)
     else:
-        states = runner.targets_to_load(cfg, entity, args.run_id)
-        targets = [t for t, st in states.items() if st == "ok" and (not args.target or t in args.target)]
-        waiting = [t for t, st in states.items() if st == "awaiting_approval"]
-        if waiting:
-            print(f"waiting for approval, not loaded: {', '.join(waiting)}", file=sys.stderr)
-    for t in targets:
-        runner.load_changes(cfg, entity, args.run_id, t, progress=progress)
-    summary = runner.finish_run(cfg, entity, args.run_id, progress=progress)
+        summary = runner.reload(cfg, entity, args.run_id, args.target, progress=progress)
+        if summary["waiting"]:
+            print(f"waiting for approval, not loaded: {', '.join(summary['waiting'])}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -487,39 +549,21 @@ def _after_run(args) -> int:
 
 
 def _gates(args) -> int:
-    from .warehouse import open_published
+    from .queries import gate_outcomes
 
     cfg = load_config(args.config)
-    con = open_published(cfg)
-    try:
-        run_id = args.run_id or (con.execute(
-            "SELECT run_id FROM audit.quality_results ORDER BY evaluated_at DESC, run_id DESC LIMIT 1").fetchone() or [None])[0]
-        if run_id is None:
-            print("no gate results yet")
-            return 0
-        sql = """SELECT entity, table_name, expectation, severity, success, observed_value, threshold, unexpected_count
-                 FROM audit.quality_results WHERE run_id = ?"""
-        params: list = [run_id]
-        if args.entity:
-            sql += " AND entity = ?"
-            params.append(args.entity)
-        if args.failed:
-            sql += " AND NOT success"
-        rows = con.execute(sql + " ORDER BY entity, table_name, expectation", params).fetchall()
-        if not rows and not args.failed:
-            raise ReconcileError(f"no gate results for run {run_id!r}")
-        held = con.execute("SELECT target, count(DISTINCT identity) FROM audit.holds WHERE run_id = ? GROUP BY 1 ORDER BY 1",
-                           [run_id]).fetchall()
-        blocks = con.execute("SELECT target, field, reason FROM audit.write_blocks WHERE run_id = ? ORDER BY 1, 2",
-                             [run_id]).fetchall()
-    finally:
-        con.close()
-    outcomes = [{"entity": r[0], "table": r[1], "expectation": r[2], "severity": r[3],
-                 "outcome": "passed" if r[4] else ("failed" if r[3] == "error" else "warned"),
-                 "observed": r[5], "threshold": json.loads(r[6]) if r[6] else None, "unexpected": r[7]} for r in rows]
+    found = gate_outcomes(cfg, run_id=args.run_id, entity=args.entity, failed=args.failed)
+    run_id, outcomes = found["run_id"], found["outcomes"]
+    if run_id is None:
+        print("no gate results yet")
+        return 0
+    if not outcomes and not args.failed:
+        raise ReconcileError(f"no gate results for run {run_id!r}")
     if args.json:
-        print(json.dumps({"run_id": run_id, "outcomes": outcomes, "held": dict(held),
-                          "blocked": [{"target": b[0], "field": b[1], "reason": b[2]} for b in blocks]}, indent=2))
+        for o in outcomes:
+            o.pop("sample", None)
+            o.pop("system", None)
+        print(json.dumps(found, indent=2, default=str))
         return 0
     print(f"gates of run {run_id}")
     print(f"{'table':<28} {'expectation':<32} {'severity':<8} {'outcome':<7} {'observed':<14} threshold")
@@ -527,11 +571,55 @@ def _gates(args) -> int:
         th = ", ".join(f"{k}={v}" for k, v in (o["threshold"] or {}).items() if v is not None and k != "regex")
         print(f"{o['table']:<28} {o['expectation']:<32} {o['severity']:<8} {o['outcome']:<7} "
               f"{str(o['observed'])[:14]:<14} {th}")
-    for target, n in held:
+    for target, n in found["held"].items():
         print(f"held: {n} identities are not written to {target} (see review.items)")
-    for target, field, reason in blocks:
-        print(f"blocked: writes into {target}{'' if field == '*' else ' of ' + field}: {reason}")
+    for b in found["blocked"]:
+        print(f"blocked: writes into {b['target']}{'' if b['field'] == '*' else ' of ' + b['field']}: {b['reason']}")
     return 0
+
+
+def _report(args) -> int:
+    from .html.report import report_html
+
+    cfg = load_config(args.config)
+    _write(args.html, report_html(cfg, args.run_id, args.entity))
+    print(f"wrote the run report to {args.html}", file=sys.stderr)
+    return 0
+
+
+def _flow(args) -> int:
+    from .flow import flow_map, mermaid
+    from .html import flow_body, flow_svg, page
+
+    cfg = load_config(args.config)
+    fm = flow_map(cfg)
+    if args.format == "mermaid":
+        text = mermaid(fm)
+    elif args.format == "svg":
+        text = flow_svg(fm, standalone=True)
+    elif args.format == "json":
+        text = json.dumps(fm.as_dict(), indent=2) + "\n"
+    else:
+        text = page("reconcile data-flow map", flow_body(fm, str(cfg.path)))
+    if args.output:
+        _write(args.output, text)
+        print(f"wrote the data-flow map ({args.format}) to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    for p in fm.problems:
+        print(f"{p['severity']}: {p['message']}", file=sys.stderr)
+    return 0
+
+
+def _write(path: str, text: str) -> None:
+    """Write a file atomically (a reader never sees half a report)."""
+    from pathlib import Path
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
 
 
 def _usage(message: str) -> int:
@@ -569,23 +657,15 @@ def _show(value) -> str:
 
 
 def _lineage(args) -> int:
-    from .stages import golden
-    from .warehouse import open_published
+    from .people import person_lineage
 
     cfg = load_config(args.config)
     parsed = _person_query(args, cfg)
     if isinstance(parsed, int):
         return parsed
     query, entities = parsed
-    con = open_published(cfg)
-    try:
-        persons, unlinked = [], []
-        for entity in entities:
-            found = golden.find_xids(con, cfg, entity, **query)
-            unlinked += [{"entity": entity, "record": r} for r in found["unlinked"]]
-            persons += [golden.person_report(con, cfg, entity, x) for x in found["xids"]]
-    finally:
-        con.close()
+    found = person_lineage(cfg, entities, **query)
+    persons, unlinked = found["persons"], found["unlinked"]
     asked = next(f"{k} {v if k != 'record' else ':'.join(v)!s}" for k, v in query.items())
     if not persons:
         hint = (f"; {len(unlinked)} record(s) carry it but are linked to no xid yet (has identity resolution run?)"
@@ -646,11 +726,7 @@ def _print_person(p: dict) -> None:
 
 
 def _erase(args) -> int:
-    import getpass
-    import secrets
-
-    from .stages import golden
-    from .warehouse import open_work, publish
+    from .people import PersonNotUnique, erase_person
 
     cfg = load_config(args.config)
     parsed = _person_query(args, cfg)
@@ -660,24 +736,13 @@ def _erase(args) -> int:
     if not args.reason.strip():
         return _usage("--reason is empty; say why (e.g. the DSAR ticket)")
     try:
-        by = args.by or getpass.getuser()
-    except (KeyError, OSError):
-        by = "unknown"
-    now = runner.utc_naive(datetime.now(timezone.utc))
-    matched_by = next(f"{k}:{v}" for k, v in query.items())
-    with open_work(cfg) as con:
-        matches = [(e, x) for e in entities for x in golden.find_xids(con, cfg, e, **query)["xids"]]
-        if not matches:
-            print(f"error: no person found with {matched_by.replace(':', ' ', 1)}", file=sys.stderr)
-            return runner.EXIT_ERROR
-        if len(matches) > 1:
-            return _usage(f"{matched_by} names {len(matches)} persons ("
-                          f"{', '.join(f'{e} {x}' for e, x in matches)}); erase each with --xid (and --entity)")
-        entity, xid = matches[0]
-        result = golden.erase(con, entity, xid, request_id=f"erase__{now:%Y%m%dT%H%M%SZ}_{secrets.token_hex(2)}",
-                              requested_at=now, requested_by=by, reason=args.reason, matched_by=matched_by)
-    if not result["already"]:
-        publish(cfg)
+        result = erase_person(cfg, entities, reason=args.reason, by=args.by, **query)
+    except PersonNotUnique as e:
+        return _usage(str(e))
+    except ReconcileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return runner.EXIT_ERROR
+    entity, xid = result["entity"], result["xid"]
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     elif result["already"]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .config import Config, resolve_url
 from .errors import ReconcileError
+from .html.datadocs import make_offline
 from .stages import extract as extract_stage
 from .stages import golden as golden_stage
 from .stages import load as load_stage
@@ -160,6 +161,7 @@ def apply_gates(cfg: Config, entity: str, run_id: str, progress: Progress = _qui
         raise ReconcileError(f"run {run_id!r}: validation of {', '.join(missing)} did not complete; "
                              f"nothing can be written until every staging table is validated")
     index = quality_stage.write_docs_index(docs_dir(cfg, run_id), run_id, validations)
+    make_offline(docs_dir(cfg, run_id))  # GX pages load their styles from CDNs: inline them, load nothing
     with open_work(cfg) as con:
         gates = quality_stage.record_gates(con, cfg, entity, run_id, datetime.fromisoformat(manifest["run_at"]),
                                            validations, docs_index=index)
@@ -290,6 +292,35 @@ def approve(cfg: Config, entity: str, run_id: str, by: str, targets: list[str] |
                                WHERE run_id = ? AND entity = ? AND target = ? AND status = 'planned'""",
                             [by, run_id, entity, t])
     return pending
+
+
+def decide_load(cfg: Config, entity: str, run_id: str, by: str, targets: list[str] | None = None,
+                reject: bool = False, note: str | None = None, progress: Progress = _quiet) -> dict:
+    """Approve (and load) or reject a run's loads waiting for approval, then finish the run again.
+
+    The one place for `reconcile approve` and the UI plugin's approve button; the same effect as Airflow's
+    approval task followed by `load_approved`. Returns the run summary with `decided`: the targets decided."""
+    decided = approve(cfg, entity, run_id, by, targets, reject=reject, note=note)
+    if not reject:
+        for t in decided:
+            load_changes(cfg, entity, run_id, t, progress=progress)
+    summary = finish_run(cfg, entity, run_id, progress=progress)
+    summary["decided"] = decided
+    return summary
+
+
+def reload(cfg: Config, entity: str, run_id: str, targets: list[str] | None = None,
+           progress: Progress = _quiet) -> dict:
+    """(Re)load a run's approved changes (resumes an interrupted load), then finish the run again.
+    Returns the run summary with `loaded` (targets loaded) and `waiting` (targets still waiting for approval)."""
+    states = targets_to_load(cfg, entity, run_id)
+    loaded = [t for t, st in states.items() if st == "ok" and (not targets or t in targets)]
+    for t in loaded:
+        load_changes(cfg, entity, run_id, t, progress=progress)
+    summary = finish_run(cfg, entity, run_id, progress=progress)
+    summary["loaded"] = loaded
+    summary["waiting"] = [t for t, st in states.items() if st == "awaiting_approval"]
+    return summary
 
 
 def rollback(cfg: Config, entity: str, run_id: str, target: str | None = None,

@@ -15,13 +15,18 @@ EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
 PHONE_UDF = "reconcile_phone_e164"
 
 
+def staged_text(value: object) -> str:
+    """The text a scalar from the config is staged as: booleans as 'true'/'false', anything else as str()."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def sql_literal(value: object) -> str:
     """A SQL literal for a scalar from the config (strings quoted, booleans as text 'true'/'false')."""
     if value is None:
         return "NULL"
-    if isinstance(value, bool):
-        return "'true'" if value else "'false'"
-    return "'" + str(value).replace("'", "''") + "'"
+    return "'" + staged_text(value).replace("'", "''") + "'"
 
 
 def quote_ident(name: str) -> str:

@@ -198,3 +198,19 @@ def test_data_docs_are_built_per_run(project):
     crm_docs = cfg.warehouse_path.parent / "data_docs" / "r1" / "crm"
     assert (crm_docs / "index.html").exists()
     assert list((crm_docs / "validations").rglob("*.html"))
+
+
+def test_picklist_of_a_map_to_booleans_compares_values_as_staged(gate_cfg, project):
+    # A string field whose map yields booleans is staged as 'true'/'false' (transforms.sql_literal): the
+    # picklist must allow exactly those, not Python's 'True'/'False'.
+    text = (project / "reconcile.yaml").read_text().replace(
+        "lifecycle: {column: stage, transform: {map: {Prospect: lead, Customer: customer}}}",
+        "lifecycle: {column: stage, transform: {map: {Prospect: true, Customer: false}}}")
+    (project / "reconcile.yaml").write_text(text)
+    cfg = load_config(project / "reconcile.yaml")
+    rows = [(k, e, n, "true" if i % 2 else "false", m) for i, (k, e, n, _, m) in enumerate(GOOD)]
+    result = validate(cfg, rows)["picklist:lifecycle"]
+    assert result["success"], result
+    assert result["threshold"]["value_set"] == ["false", "true"]
+    bad = validate(cfg, rows[:-1] + [(rows[-1][0], rows[-1][1], rows[-1][2], "True", rows[-1][4])])
+    assert not bad["picklist:lifecycle"]["success"]

@@ -61,17 +61,9 @@ def parse_config(data: Any, source: str = "<config>", lines: dict[tuple, int] | 
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"function-after[_one_location()]"}))
-            # pydantic adds union/validator tags to locations; keep only real keys and indexes
-            loc = tuple(p for p in loc if isinstance(p, int) or not str(p).startswith(("function-", "list[", "dict[")))
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (check the spelling; see docs/configuration.md)"
-            elif err["type"] == "missing":
-                msg = "required key is missing"
-            problems.append(Problem(_fmt(loc), msg, _line(lines, loc)))
+        problems = [Problem(_fmt(loc), msg, _line(lines, loc)) for loc, msg, _ in _schema_errors(e)]
+        # One pass lists everything: the cross-field rules also run, on the config without its broken parts.
+        problems += [Problem(_fmt(p), m, _line(lines, p)) for p, m in _rules_without_broken_parts(data, e)]
         raise ConfigError(source, problems) from None
     cfg._path = path
     problems = [Problem(_fmt(p), m, _line(lines, p)) for p, m in check_rules(cfg, expressions=check_expressions)]
@@ -80,6 +72,59 @@ def parse_config(data: Any, source: str = "<config>", lines: dict[tuple, int] | 
     cfg._expressions_checked = check_expressions
     cfg._lines = lines
     return cfg
+
+
+def _schema_errors(e: ValidationError) -> list[tuple[tuple, str, str]]:
+    """(key path, message, pydantic error type) of every schema error, in the words docs/configuration.md uses."""
+    out = []
+    for err in e.errors():
+        # pydantic adds union/validator tags to locations; keep only real keys and indexes
+        loc = tuple(p for p in err["loc"] if isinstance(p, int) or not str(p).startswith(("function-", "list[", "dict[")))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see docs/configuration.md)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        out.append((loc, msg, err["type"]))
+    return out
+
+
+def _rules_without_broken_parts(data: dict, error: ValidationError, rounds: int = 6) -> list[tuple[tuple, str]]:
+    """Cross-field problems of a config that failed schema validation.
+
+    Removes what the schema rejected (an unknown key, a bad value; a mapping left without a required key goes
+    whole), validates again, and runs the rules on what remains. Problems inside, or naming, a removed part
+    are left out: they would only echo the schema problem. Nothing when a top-level key itself is broken."""
+    import copy
+
+    data = copy.deepcopy(data)
+    removed: list[tuple] = []
+    errors = _schema_errors(error)
+    for _ in range(rounds):
+        for loc, _msg, kind in errors:
+            if kind == "missing":
+                loc = loc[:-1]
+            if len(loc) < 2:
+                return []
+            parent = data
+            for part in loc[:-1]:
+                try:
+                    parent = parent[part]
+                except (KeyError, IndexError, TypeError):
+                    parent = None
+                    break
+            if isinstance(parent, dict) and loc[-1] in parent:
+                del parent[loc[-1]]
+                removed.append(loc)
+        try:
+            cfg = Config.model_validate(data)
+        except ValidationError as again:
+            errors = _schema_errors(again)
+            continue
+        named = {f"{p[-1]!r}" for p in removed if isinstance(p[-1], str) and len(p) <= 4}
+        return [(p, m) for p, m in check_rules(cfg)
+                if not any(p[:len(r)] == r for r in removed) and not any(n in m for n in named)]
+    return []
 
 
 def ensure_expressions_checked(cfg: Config) -> None:

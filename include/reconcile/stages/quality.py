@@ -22,7 +22,7 @@ from typing import Any
 
 from ..config.expressions import to_duckdb_sql
 from ..config.models import DEFAULT_SEVERITY, Config, GateOverrides
-from ..transforms import EMAIL_PATTERN, quote_ident as q, sql_literal
+from ..transforms import EMAIL_PATTERN, quote_ident as q, sql_literal, staged_text
 from ..warehouse import once, staging_table
 
 STAGE = "gates"
@@ -102,7 +102,7 @@ def plan_suite(con, cfg: Config, entity: str, system: str, run_id: str, run_at: 
                 {"regex": EMAIL_PATTERN})
         maps = [s for s in mapping.steps if s.name == "map"]
         if maps and field.type == "string":
-            allowed = sorted({str(v) for v in maps[-1].mapping.values()})
+            allowed = sorted({staged_text(v) for v in maps[-1].mapping.values()})  # as staged: true, not True
             columns.append(fname)
             add(f"picklist:{fname}", "picklist", gxe.ExpectColumnValuesToBeInSet(column=fname, value_set=allowed),
                 fname, {"value_set": allowed})
