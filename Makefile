@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 
-.PHONY: venv test demo bench lock schema clean
+.PHONY: venv test demo ui bench lock schema clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	@bash scripts/demo.sh "$(DEMO_DIR)"
+
+# Airflow locally with the demo and the reconcile UI plugin; UI_PORT (default 8080), UI_USER / UI_PASSWORD.
+ui: $(STAMP)
+	@UI_PORT="$(UI_PORT)" UI_USER="$(UI_USER)" UI_PASSWORD="$(UI_PASSWORD)" bash scripts/ui.sh "$(DEMO_DIR)"
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)

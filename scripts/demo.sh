@@ -25,28 +25,9 @@ DIR_ABS="$(cd "$DIR" && pwd)"
 CONFIG="$DIR_ABS/reconcile.yaml"
 
 step "2/4 Project-local Airflow"
-# Always project-local (even if the shell exports AIRFLOW_HOME or a database for another Airflow): the demo
-# must never read or migrate anything but its own .airflow/airflow.db.
-export AIRFLOW_HOME="$ROOT/.airflow"
-export AIRFLOW__CORE__DAGS_FOLDER="$ROOT/dags"
-export AIRFLOW__CORE__LOAD_EXAMPLES=False
-export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="sqlite:///$AIRFLOW_HOME/airflow.db"
-unset AIRFLOW_CONFIG
-export RECONCILE_CONFIG="$CONFIG"
-mkdir -p "$AIRFLOW_HOME"
-LOG="$AIRFLOW_HOME/demo-dags-test.log"
-version="$("$BIN/python" -c 'import importlib.metadata as m; print(m.version("apache-airflow"))')"
-stamp="$AIRFLOW_HOME/.demo-migrated"
-if [[ -f "$AIRFLOW_HOME/airflow.db" && "$(cat "$stamp" 2>/dev/null)" == "$version" ]]; then
-  echo "AIRFLOW_HOME=$AIRFLOW_HOME (Airflow $version, metadata DB up to date)"
-else
-  echo "AIRFLOW_HOME=$AIRFLOW_HOME: migrating the SQLite metadata DB for Airflow $version (first run only) ..."
-  if ! "$BIN/airflow" db migrate >"$AIRFLOW_HOME/demo-db-migrate.log" 2>&1; then
-    tail -n 30 "$AIRFLOW_HOME/demo-db-migrate.log" >&2
-    die "airflow db migrate failed; full log: $AIRFLOW_HOME/demo-db-migrate.log"
-  fi
-  echo "$version" >"$stamp"
-fi
+source "$ROOT/scripts/airflow_env.sh"
+airflow_env "$CONFIG"
+airflow_migrate
 
 step "3/4 Two nights: airflow dags test $DAG_ID (RECONCILE_CONFIG=$CONFIG)"
 echo "night 1 applies the demo's changes; night 2 finds nothing left to write (convergence)"
