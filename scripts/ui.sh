@@ -36,6 +36,7 @@ export AIRFLOW__CORE__PLUGINS_FOLDER="$ROOT/plugins"
 export AIRFLOW__CORE__EXECUTOR=LocalExecutor
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="http://127.0.0.1:$PORT/execution/"
 export AIRFLOW__API__PORT="$PORT"
+export AIRFLOW__API__HOST=127.0.0.1  # this machine only: the demo login is admin / admin
 export AIRFLOW__API__BASE_URL="http://127.0.0.1:$PORT"
 # Login: SimpleAuthManager with one known user; its password file is written here, not generated.
 export AIRFLOW__CORE__AUTH_MANAGER=airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager
@@ -107,5 +108,6 @@ Airflow with reconcile is up:   http://127.0.0.1:$PORT
   logs:                         $LOGS (task logs in $AIRFLOW_HOME/logs)
 Press Ctrl-C to stop.
 MSG
+# Until Ctrl-C (which also reaches the Airflow processes) or one of them exits on its own; either way the
+# EXIT trap stops the others.
 wait -n "${PIDS[@]}" || true
-echo "an Airflow process exited; see $LOGS" >&2
