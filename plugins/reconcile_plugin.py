@@ -48,6 +48,7 @@ API_ROUTES = [
     ("POST", "/api/decisions", "record a decision: {item_id, action, reason, xid?, into?, record?}"),
     ("GET", "/api/trends", "per run and system: volume and band, duplicate rates, review size, changes (?entity)"),
     ("GET", "/api/flow", "the data-flow map of the config: fields, edges, problems, ownership matrix"),
+    ("GET", "/docs/{run_id}/index.html", "a run's Great Expectations Data Docs, rewritten to load nothing from a CDN"),
 ]
 
 
@@ -238,8 +239,20 @@ def create_app() -> FastAPI:
             cfg = _config()
         except LookupError as e:
             return _html(request, "report", "run report", no_config(str(e)), user)
-        body = await _call(report_body, cfg, run_id or None, entity or None)
+        body = await _call(report_body, cfg, run_id or None, entity or None,
+                           docs_url=f"{_base(request)}/docs/{{run_id}}/index.html")
         return _html(request, "report", "run report", body, user)
+
+    @app.get("/docs/{run_id}/{path:path}", summary="a run's Great Expectations Data Docs (offline)")
+    async def data_docs(run_id: str, path: str, user: Reader):
+        from fastapi.responses import FileResponse
+        from reconcile.runner import docs_dir
+
+        root = docs_dir(cfg_or_503(), run_id).resolve()
+        target = (root / path).resolve()
+        if not target.is_relative_to(root) or not target.is_file():
+            raise HTTPException(status_code=404, detail=f"no Data Docs page {path!r} for run {run_id!r}")
+        return FileResponse(target)
 
     @app.get("/flow", response_class=HTMLResponse, summary="data-flow map page")
     async def flow_page(request: Request, user: Reader):

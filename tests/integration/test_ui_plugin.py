@@ -107,3 +107,29 @@ def test_decision_through_the_api_is_recorded_with_the_user(airflow_db, tmp_path
     bad = client.post("/reconcile/api/decisions", headers=bearer(),
                       json={"item_id": item["item_id"], "action": "explode", "reason": "x"})
     assert bad.status_code == 400 and "unknown action" in bad.json()["detail"]
+
+
+def test_data_docs_are_served_without_any_cdn(client):
+    import re
+
+    report = client.get("/reconcile/report", headers=bearer())
+    assert "/reconcile/docs/ui_night_1/index.html" in report.text
+    index = client.get("/reconcile/docs/ui_night_1/index.html", headers=bearer())
+    assert index.status_code == 200 and "staging.crm__contact" in index.text
+    page = client.get("/reconcile/docs/ui_night_1/crm/index.html", headers=bearer())
+    assert page.status_code == 200 and "reconcile: offline" in page.text
+    loads = re.findall(r"<(?:link|script|img)\b[^>]*(?:href|src)=[\"']https?://", page.text)
+    assert loads == []
+    assert client.get("/reconcile/docs/ui_night_1/../../reconcile.yaml", headers=bearer()).status_code == 404
+    assert client.get("/reconcile/docs/ui_night_1/crm/index.html").status_code == 401
+
+
+def test_cli_report_is_one_self_contained_file(tmp_path, capsys):
+    from reconcile.cli import main
+
+    out = tmp_path / "report.html"
+    assert main(["report", "-c", str(demo_config()), "--run", "ui_night_1", "--html", str(out)]) == 0
+    html = out.read_text()
+    assert "http" not in html  # no external URL of any kind: styles and plots are inline
+    assert html.count("<svg class=\"plot volume\"") == 3 and "awaiting_approval" in html
+    assert "waits for approval" in html and "Quality gates" in html

@@ -4,6 +4,7 @@ changes per target over time. `reconcile report --html` saves it; the UI plugin 
 from __future__ import annotations
 
 from html import escape
+from urllib.parse import quote
 
 from .. import queries
 from ..config import Config
@@ -20,8 +21,10 @@ def _e(value) -> str:
     return esc(value)
 
 
-def report_body(cfg: Config, run_id: str | None = None, entity: str | None = None, trend_runs: int = 30) -> str:
-    """The report of one run (default: the newest) as an HTML fragment; a friendly note before any run."""
+def report_body(cfg: Config, run_id: str | None = None, entity: str | None = None, trend_runs: int = 30,
+                docs_url: str | None = None) -> str:
+    """The report of one run (default: the newest) as an HTML fragment; a friendly note before any run.
+    `docs_url`: where the run's Data Docs are served (the plugin); otherwise their path is shown."""
     if not queries.list_runs(cfg, limit=1):
         return ('<h1>Run report</h1><div class="empty">No runs yet. The first run (the DAG, or '
                 '<code>reconcile run</code>) fills this page.</div>')
@@ -45,6 +48,11 @@ def report_body(cfg: Config, run_id: str | None = None, entity: str | None = Non
         parts.append("<h2>Approvals</h2><table><tr><th>target</th><th>required</th><th>why</th><th>decision</th>"
                      f"<th>by</th><th>at</th><th>note</th></tr>{rows}</table>")
     parts.append(_gates(cfg, run["run_id"], entity))
+    docs = (s.get("gates") or {}).get("data_docs")
+    if docs:
+        where = (f"<a href='{escape(docs_url.format(run_id=quote(run['run_id'], safe='')))}'>open</a>" if docs_url
+                 else f"<code>{_e(docs)}</code>")
+        parts.append(f"<p>Great Expectations Data Docs of this run (offline, no CDN): {where}</p>")
     parts.append(_trends(cfg, entity, run["run_id"], trend_runs))
     return "".join(parts)
 
