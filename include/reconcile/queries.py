@@ -135,7 +135,7 @@ def run_status(cfg: Config, run_id: str | None = None, entity: str | None = None
                                        [run["run_id"], run["entity"]]))
     timings = (run["summary"] or {}).get("stages") or {}
     done = {s for (s,) in stages}
-    order = list(timings) + sorted(done - set(timings), key=_STAGE_ORDER.get)
+    order = list(timings) + sorted(done - set(timings), key=lambda s: (_STAGE_ORDER.get(s, len(_STAGE_ORDER)), s))
     run["stages"] = [{"stage": s, "seconds": timings.get(s), "done": s in done or s in timings} for s in order]
     run["approvals"] = {a.pop("target"): {**a, "reasons": _json(a["reasons"])} for a in approvals}
     run["why"] = _why(run)
@@ -331,8 +331,8 @@ def review_item(cfg: Config, item_id: str) -> dict:
     from .review import show_item
 
     item = show_item(cfg, item_id)
-    item["effects"] = decision_effects(item)
     item["records"] = item_records(cfg, item)
+    item["effects"] = decision_effects(item)
     return item
 
 
@@ -390,9 +390,13 @@ def decision_effects(item: dict) -> dict[str, str]:
     cands = sorted({c.get("xid") for c in d.get("candidates", []) if isinstance(c, dict) and c.get("xid")})
     xids = list(dict.fromkeys(r.get("xid") for r in d.get("records", []) if isinstance(r, dict) and r.get("xid")))
     first = cands[0] if len(cands) == 1 else "the chosen candidate (needs an xid when there are several)"
+    subject = next((r for r in item.get("records") or []
+                    if (r["system"], r["record_key"]) == (d.get("system"), d.get("record_key"))), None)
+    linked = subject is None or subject.get("xid") is not None
     return {
         "link": f"{rec} joins {first}: its values feed that golden record and changes follow for every target",
-        "split": f"{rec} leaves its xid and gets a new one of its own: a separate golden record",
+        "split": (f"{rec} leaves its xid and gets a new one of its own: a separate golden record" if linked
+                  else f"nothing to split: {rec} is linked to no xid yet"),
         "merge": (f"the xids {', '.join(xids[1:])} are merged into {xids[0]}: one golden record" if len(xids) > 1
                   else "two xids become one golden record (needs two xids)"),
         "distinct": (f"{rec} is never linked to {', '.join(cands)} by any rule" if cands
