@@ -292,7 +292,7 @@ def _connect_checks(cfg) -> list[str]:
         for system, source in sorted(entity.sources.items()):
             path = f"entities.{ename}.sources.{system}"
             try:
-                conn = connect(system, resolve_url(cfg, system))
+                conn = connect(system, resolve_url(cfg, system), cfg.systems[system])
                 try:
                     have = set(conn.columns(source))
                 finally:

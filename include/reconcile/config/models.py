@@ -88,6 +88,8 @@ class SourceConfig(_Strict):
     modified_at: str | None = None
     fields: dict[str, FieldMapping]
     batch_size: int | None = Field(default=None, ge=1)
+    # File systems only: read the newest matching export, or all of them as one snapshot.
+    pick: Literal["newest", "all"] | None = None
     # Columns holding another system's record key (e.g. a marketing property with the CRM GUID): a stored ID.
     external_ids: dict[str, str] = Field(default_factory=dict)
 
@@ -271,12 +273,31 @@ class WriteSettings(_Strict):
     blanks_overwrite: bool = False            # may an empty golden value blank out a value here?
 
 
+class ApiLimits(_Strict):
+    """`systems.<s>.limits`: an API system's paging, batching and retry limits (defaults: the vendor's
+    documented limits, in connectors/<api>/settings.py)."""
+
+    page_size: int | None = Field(default=None, ge=1)          # records per list page
+    search_page_size: int | None = Field(default=None, ge=1)   # records per search page (HubSpot: 200)
+    search_max_results: int | None = Field(default=None, ge=1)  # results one search can page through (10,000)
+    batch_size: int | None = Field(default=None, ge=1)         # records per batch call (HubSpot: 100)
+    max_retries: int | None = Field(default=None, ge=0)        # per call, on 429 / 5xx / network errors
+    max_wait_seconds: float | None = Field(default=None, gt=0)  # longest single back-off (Retry-After is capped)
+    timeout_seconds: float | None = Field(default=None, gt=0)  # per HTTP request
+
+
 class SystemConfig(_Strict):
-    """A business system. Exactly one of url (no password inline), url_env or connection."""
+    """A business system: a SQL database (exactly one of url, url_env or connection), an API (`api`,
+    `base_url` with `token_env`, or `connection`) or a folder of exports (`files`, read-only)."""
 
     url: str | None = None
     url_env: str | None = None
     connection: str | None = None
+    api: Literal["hubspot", "dynamics"] | None = None
+    base_url: str | None = None
+    token_env: str | None = None
+    limits: ApiLimits = Field(default_factory=ApiLimits)
+    files: str | None = None
     creates_identity: bool = False
     xid_column: str | None = None
     unique: list[str] = Field(default_factory=list)
@@ -344,6 +365,11 @@ class Config(_Strict):
         """Private working area beside the published warehouse: working DB, run folders, locks."""
         wp = self.warehouse_path
         return wp.parent / f".{wp.stem}.state"
+
+    def system_kind(self, name: str) -> str:
+        """`sql`, `files` or the API kind (`hubspot`, `dynamics`) of a system."""
+        sc = self.systems[name]
+        return sc.api or ("files" if sc.files else "sql")
 
     def entity(self, name: str) -> EntityConfig:
         try:

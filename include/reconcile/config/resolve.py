@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import quote
 
 from sqlalchemy.engine import make_url
 
@@ -17,12 +18,23 @@ from .models import Config
 
 def resolve_url(cfg: Config, system: str, overrides: Mapping[str, str] | None = None,
                 environ: Mapping[str, str] | None = None) -> str:
-    """Return the SQLAlchemy URL of a system, with relative SQLite paths made absolute."""
+    """Where a system is: a SQLAlchemy URL (relative SQLite paths made absolute); for an API system its base
+    URL with the token as the password (`https://:<token>@host/path`, the form of an Airflow connection URI);
+    for a file system the absolute folder."""
     env = os.environ if environ is None else environ
+    sc = cfg.systems[system]
     if overrides and system in overrides:
         url = overrides[system]
+    elif sc.files:
+        p = Path(sc.files).expanduser()
+        return str(p if p.is_absolute() else (cfg.base_dir / p).resolve())
+    elif sc.api and sc.base_url:
+        token = env.get(sc.token_env or "", "")
+        if not token:
+            raise ReconcileError(f"system {system!r}: environment variable {sc.token_env} "
+                                 f"(systems.{system}.token_env) holding the API token is not set")
+        return with_token(sc.base_url, token)
     else:
-        sc = cfg.systems[system]
         if sc.url:
             url = sc.url
         elif sc.url_env:
@@ -39,7 +51,13 @@ def resolve_url(cfg: Config, system: str, overrides: Mapping[str, str] | None = 
                     f"system {system!r} uses Airflow connection {sc.connection!r} (systems.{system}.connection); "
                     f"outside an Airflow task set {var} to its URI"
                 )
-    return _absolutize_sqlite(url, cfg.base_dir)
+    return url if sc.api or sc.files else _absolutize_sqlite(url, cfg.base_dir)
+
+
+def with_token(base_url: str, token: str) -> str:
+    """An API base URL carrying its token as the password (never printed: see `redact`)."""
+    scheme, _, rest = base_url.partition("://")
+    return f"{scheme}://:{quote(token, safe='')}@{rest}"
 
 
 # Airflow renders some connection types with scheme names SQLAlchemy 2 does not accept, or without a driver
@@ -61,7 +79,11 @@ def _absolutize_sqlite(url: str, base: Path) -> str:
 
 
 def redact(url: str) -> str:
-    """A URL safe to print or log (password masked)."""
+    """A URL safe to print or log (password or token masked)."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("http", "https"):
+        netloc, slash, path = rest.partition("/")
+        return f"{scheme}://{netloc.rpartition('@')[2]}{slash}{path}"
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:

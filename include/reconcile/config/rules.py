@@ -84,11 +84,7 @@ def _check_schedule(cfg: Config) -> list[Issue]:
 def _check_systems(cfg: Config) -> list[Issue]:
     issues = []
     for name, system in cfg.systems.items():
-        given = [k for k in ("url", "url_env", "connection") if getattr(system, k)]
-        if len(given) != 1:
-            issues.append((("systems", name),
-                           "set exactly one of 'url' (no password inline), 'url_env' (an environment variable "
-                           f"holding the URL) or 'connection' (an Airflow connection id); got {', '.join(given) or 'none'}"))
+        issues += _check_system_kind(name, system)
         if system.url:
             try:
                 url = make_url(system.url)
@@ -108,6 +104,68 @@ def _check_systems(cfg: Config) -> list[Issue]:
             if not mapped_somewhere:
                 issues.append((("systems", name, "unique", i),
                                f"canonical field {field!r} is not mapped from system {name!r} in any entity"))
+    return issues
+
+
+def _check_system_kind(name: str, system) -> list[Issue]:
+    """Where the system is: SQL (url | url_env | connection), API (api + base_url + token_env | connection)
+    or a folder of exports (files)."""
+    path = ("systems", name)
+    given = [k for k in ("url", "url_env", "connection", "base_url", "token_env", "files") if getattr(system, k)]
+    if system.api:
+        if system.connection:
+            extra = [k for k in given if k not in ("connection", "base_url")]
+            if extra:
+                return [(path, f"an API system with 'connection' takes its URL and token from the connection; "
+                               f"remove {', '.join(extra)}")]
+            return []
+        missing = [k for k in ("base_url", "token_env") if not getattr(system, k)]
+        extra = [k for k in given if k not in ("base_url", "token_env")]
+        out = [(path, f"an API system (api: {system.api}) needs {' and '.join(missing)} (or an Airflow 'connection')")
+               ] if missing else []
+        if extra:
+            out.append((path, f"an API system does not take {', '.join(extra)}"))
+        if system.base_url and not re.match(r"^https?://[^/@\s]+(/\S*)?$", system.base_url):
+            out.append((path + ("base_url",), "expected an http(s) URL without credentials, e.g. https://api.hubapi.com"))
+        if system.token_env and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", system.token_env):
+            out.append((path + ("token_env",), "must be an environment variable name, not a token"))
+        return out
+    if system.files:
+        extra = [k for k in given if k != "files"]
+        return [(path, f"a file system ('files') does not take {', '.join(extra)}")] if extra else []
+    if any(getattr(system, k) for k in ("base_url", "token_env")):
+        return [(path, "'base_url' and 'token_env' belong to API systems: set 'api' (hubspot or dynamics)")]
+    sql = [k for k in given if k in ("url", "url_env", "connection")]
+    if len(sql) != 1:
+        return [(path, "set exactly one of 'url' (no password inline), 'url_env' (an environment variable "
+                       f"holding the URL) or 'connection' (an Airflow connection id); got {', '.join(sql) or 'none'}"
+                       " (or 'api' for an API system, 'files' for a folder of exports)")]
+    return []
+
+
+def _check_sources_of_kind(cfg: Config, ename: str) -> list[Issue]:
+    """API and file systems read a named object / file pattern (`table`), never a SQL query; files are read-only."""
+    issues: list[Issue] = []
+    entity = cfg.entities[ename]
+    for sname, source in entity.sources.items():
+        if sname not in cfg.systems:
+            continue
+        kind = cfg.system_kind(sname)
+        spath = ("entities", ename, "sources", sname)
+        if kind != "sql" and source.query is not None:
+            what = "an object name" if kind != "files" else "a file name or glob"
+            issues.append((spath + ("query",), f"system {sname!r} is a {kind} system: 'table' names {what}; "
+                                               "queries are for SQL systems"))
+        if kind != "files" and source.pick is not None:
+            issues.append((spath + ("pick",), f"'pick' is for file systems; {sname!r} is a {kind} system"))
+        if kind == "files":
+            w = cfg.systems[sname].writes
+            targets = [f for f, spec in entity.fields.items() if sname in spec.send_to]
+            if targets or w.create or w.archive or cfg.systems[sname].xid_column:
+                what = (f"fields {', '.join(targets)} are sent to it" if targets else
+                        "writes.create/archive or xid_column are set")
+                issues.append((("systems", sname), f"system {sname!r} is a folder of exports (read-only) but {what}; "
+                                                   "a file system can only be a source"))
     return issues
 
 
@@ -182,6 +240,7 @@ def _check_entity(cfg: Config, ename: str, expressions: bool = True) -> list[Iss
             issues.append((("systems", sname, "writes", "archive"),
                            "set 'column' and 'value' for a soft delete, or 'hard_delete: true'"))
     issues += _check_match(entity, ename, base)
+    issues += _check_sources_of_kind(cfg, ename)
     field_types = {f: spec.type for f, spec in entity.fields.items()}
     for target, text in entity.eligibility.items():
         epath = base + ("eligibility", target)

@@ -1,15 +1,33 @@
-"""Connectors: the only code that talks to business systems. One module per protocol.
+"""Connectors: the only code that talks to business systems. One module or package per protocol.
 
-A connector reads a source in batches (optionally only rows modified since a watermark) and, in later
-stages, applies batches of changes. Systems themselves are configuration: any SQLAlchemy URL works with
-`SqlConnector`.
+Every connector implements both halves of the protocol in base.py: read batches since a watermark, and a
+writer that applies a batch of changes with per-record outcomes. Systems themselves are configuration:
+any SQLAlchemy URL works with `SqlConnector`, a folder of exports with `FileConnector` (read-only), a
+HubSpot- or Dynamics-style API with its package. Called by stages/extract.py, stages/load.py and the CLI's
+`check-config --connect`.
 """
-from .base import Connector
+from __future__ import annotations
+
+from .base import Connector, Outcome, Writer, WriteOp
 from .sql import SqlConnector
 
-__all__ = ["Connector", "SqlConnector", "connect"]
+__all__ = ["Connector", "Outcome", "SqlConnector", "Writer", "WriteOp", "connect"]
 
 
-def connect(system: str, url: str) -> Connector:
-    """The connector for a system URL (today every URL is a SQLAlchemy URL)."""
+def connect(system: str, url: str, system_config=None) -> Connector:
+    """The connector for a system, from its resolved URL (config.resolve_url) and its `SystemConfig`
+    (which says the kind: `api`, `files`, else SQL). API packages are imported only when used."""
+    sc = system_config
+    if sc is not None and sc.files:
+        from .files import FileConnector
+
+        return FileConnector(system, url)
+    if sc is not None and sc.api == "hubspot":
+        from .hubspot import HubSpotConnector
+
+        return HubSpotConnector(system, url, sc.limits)
+    if sc is not None and sc.api == "dynamics":
+        from .dynamics import DynamicsConnector
+
+        return DynamicsConnector(system, url, sc.limits)
     return SqlConnector(system, url)

@@ -16,6 +16,7 @@ from sqlalchemy.pool import NullPool
 from ..config.models import SourceConfig
 from ..config.resolve import redact
 from ..errors import ReconcileError, SystemUnreachable
+from .base import Outcome, Values, WriteOp, conflict
 
 
 class SqlConnector:
@@ -86,6 +87,9 @@ class SqlConnector:
         except Exception as e:
             raise self._fail(f"cannot read {source.table or 'query'}", e) from None
 
+    def writer(self, source: SourceConfig) -> SqlWriter:
+        return SqlWriter(self, source)
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -132,61 +136,91 @@ def _strings(values: list) -> pa.Array:
 
 class SqlWriter:
     """Writes into one table of a SQL system: one transaction per batch, one savepoint per record, so a
-    rejected row fails alone and the rest of the batch commits."""
+    rejected row fails alone and the rest of the batch commits. The precondition (`WriteOp.expected`) is
+    checked inside the same transaction, just before the record's write."""
 
     def __init__(self, connector: SqlConnector, source: SourceConfig):
         if source.table is None:
             raise ReconcileError(f"system {connector.system!r}: cannot write through a query source; "
                                  f"configure 'table' to make it a target")
         self.c = connector
-        self.source = source
         schema, _, name = source.table.rpartition(".")
         self.table = sa.table(name, schema=schema or None)
         self.key = source.key
 
-    def batch(self):
-        """A connection in a transaction: commits on success, rolls back on error."""
+    def _begin(self):
         try:
             return self.c.engine.begin()
         except Exception as e:
             raise self.c._fail("cannot connect to write", e) from None
 
-    def current(self, conn, keys: list[str], columns: list[str]) -> dict[str, dict[str, str | None]]:
-        """The target's current values (as strings, like extraction) for these records."""
+    def current(self, keys: list[str], columns: list[str]) -> dict[str, Values]:
+        with self._begin() as conn:
+            return self._current(conn, keys, columns)
+
+    def _current(self, conn, keys: list[str], columns: list[str]) -> dict[str, Values]:
+        if not keys:
+            return {}
         cols = list(dict.fromkeys([self.key] + columns))
         stmt = sa.select(*[sa.column(c) for c in cols]).select_from(self.table).where(
             sa.column(self.key).in_(keys))
         rows = conn.execute(stmt).fetchall()
         out = {}
         if rows:
-            table = _to_arrow(cols, rows)
-            for rec in table.to_pylist():
+            for rec in _to_arrow(cols, rows).to_pylist():
                 out[rec[self.key]] = {c: rec[c] for c in columns}
         return out
 
-    def savepoint(self, conn):
-        return conn.begin_nested()
+    def find(self, values: dict[str, object]) -> str | None:
+        stmt = sa.select(sa.column(self.key)).select_from(self.table)
+        for k, v in values.items():
+            stmt = stmt.where(sa.column(k) == v)
+        with self._begin() as conn:
+            row = conn.execute(stmt.limit(1)).fetchone()
+        return None if row is None else str(row[0])
+
+    def apply(self, ops: list[WriteOp]) -> list[Outcome]:
+        outcomes = []
+        with self._begin() as conn:
+            keys = [o.key for o in ops if o.key is not None]
+            cols = sorted({c for o in ops for c in [*(o.expected or {}), *o.values]})
+            now = self._current(conn, keys, cols)
+            for o in ops:
+                if o.op != "create":
+                    why = conflict(o.expected, now.get(o.key), o.key)
+                    if why:
+                        outcomes.append(Outcome(o.ref, "skipped_conflict", key=o.key, error=why))
+                        continue
+                sp = conn.begin_nested()
+                try:
+                    key = self._write(conn, o)
+                    sp.commit()
+                except Exception as e:  # a constraint violation or a rejected value: this record fails alone
+                    sp.rollback()
+                    detail = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+                    outcomes.append(Outcome(o.ref, "failed", key=o.key, error=detail[:500]))
+                    continue
+                before = None if o.op == "create" else {c: now[o.key].get(c) for c in o.values}
+                outcomes.append(Outcome(o.ref, "applied", key=key, before=before))
+        return outcomes
 
     def _t(self, columns) -> sa.TableClause:
         cols = list(dict.fromkeys([*columns, self.key]))
         return sa.table(self.table.name, *[sa.column(c) for c in cols], schema=self.table.schema)
 
-    def update(self, conn, record_key: str, values: dict[str, object]) -> int:
-        t = self._t(values)
-        stmt = sa.update(t).where(t.c[self.key] == record_key).values({t.c[k]: v for k, v in values.items()})
-        return conn.execute(stmt).rowcount
-
-    def delete(self, conn, record_key: str) -> int:
-        t = self._t([])
-        return conn.execute(sa.delete(t).where(t.c[self.key] == record_key)).rowcount
-
-    def insert(self, conn, values: dict[str, object]) -> str | None:
-        """Insert a record; returns its key (RETURNING where the database has it)."""
-        t = self._t(values)
-        stmt = sa.insert(t).values({t.c[k]: v for k, v in values.items()})
-        if self.c.engine.dialect.insert_returning:
+    def _write(self, conn, o: WriteOp) -> str | None:
+        t = self._t(o.values)
+        if o.op == "delete":
+            conn.execute(sa.delete(t).where(t.c[self.key] == o.key))
+            return o.key
+        if o.op == "update":
+            stmt = sa.update(t).where(t.c[self.key] == o.key).values({t.c[k]: v for k, v in o.values.items()})
+            if conn.execute(stmt).rowcount != 1:
+                raise ReconcileError(f"record {o.key} was not found for update")
+            return o.key
+        stmt = sa.insert(t).values({t.c[k]: v for k, v in o.values.items()})
+        if self.c.engine.dialect.insert_returning:  # the new key (RETURNING where the database has it)
             row = conn.execute(stmt.returning(t.c[self.key])).fetchone()
             return None if row is None or row[0] is None else str(row[0])
-        result = conn.execute(stmt)
-        pk = result.inserted_primary_key
+        pk = conn.execute(stmt).inserted_primary_key
         return str(pk[0]) if pk and pk[0] is not None else None

@@ -67,6 +67,8 @@ def plan_extract(con, cfg: Config, entity: str, run_at: datetime, full: bool | N
             reason = "requested"
         elif cfg.extract.mode == "full":
             reason = "extract.mode is full"
+        elif cfg.systems[system].files:
+            reason = "a file export is a full snapshot"
         elif source.modified_at is None:
             reason = "source has no modified_at"
         elif row is not None and row[1] != shash:
@@ -98,13 +100,13 @@ def extract_source(cfg: Config, entity: str, system: str, plan: dict, out_dir: P
     tmp = out_dir / f".{system}.{os.getpid()}.parquet.tmp"
     columns = plan["columns"]
     schema = pa.schema([(c, pa.string()) for c in columns])
-    conn = connect(system, url)
+    conn = connect(system, url, cfg.systems[system])
     rows = 0
     try:
         real = conn.columns(source)
         missing = [c for c in columns if c not in real]
         if missing:
-            where = f"table {source.table!r}" if source.table else "its query"
+            where = f"{'files' if cfg.systems[system].files else 'table'} {source.table!r}" if source.table else "its query"
             raise ReconcileError(
                 f"system {system!r}: {where} has no column(s) {', '.join(map(repr, missing))} "
                 f"(mapped in entities.{entity}.sources.{system}); it has: {', '.join(real)}"

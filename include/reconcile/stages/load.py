@@ -1,11 +1,12 @@
 """Load: audit.changes (planned, allowed) -> the target system, in batches, exactly once, resumable.
 
-Per batch of records: the changes are marked `applying` in the warehouse (committed) before the target's
-transaction starts, then each record is written inside its own savepoint after an optimistic-concurrency
-check (the target still holds what was extracted; otherwise `skipped_conflict`, re-planned next run), with
-its before-image captured for rollback. After the target commits, the outcomes are committed here. A load
-killed between the two commits is resumed by verifying `applying` changes against the target: a value
-already written is marked applied, not written again. Python loops here only at the connector boundary.
+Per batch of records: the changes are marked `applying` in the warehouse (committed) before the batch goes
+to the target's writer (the connector protocol's write half, connectors/base.py: SQL, HubSpot, Dynamics),
+one `WriteOp` per record carrying its optimistic-concurrency precondition (the target still holds what was
+extracted; otherwise `skipped_conflict`, re-planned next run). The writer answers one outcome per record,
+with its before-image for rollback; the outcomes are then committed here. A load killed between the two is
+resumed by verifying `applying` changes against the target: a value already written is marked applied, not
+written again. Python loops here only at the connector boundary.
 """
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ import time
 from datetime import datetime, timezone
 
 from ..config.models import Config
-from ..connectors import connect
-from ..connectors.sql import SqlWriter
-from ..errors import ReconcileError
+from ..connectors import Writer, WriteOp, connect
+from ..connectors.base import as_text
 
 STAGE = "load"
 LOADABLE = ("planned", "applying")
@@ -54,10 +54,11 @@ def load_target(con, cfg: Config, entity: str, target: str, run_id: str, url: st
         return {"target": target, "status": state, "applied": 0, "failed": 0, "skipped_conflict": 0}
     source = cfg.entities[entity].sources[target]
     settings = cfg.load
-    writer = SqlWriter(connect(target, url), source)
+    connector = connect(target, url, cfg.systems[target])
     attempt = f"{run_id}@{_now().isoformat()}"
     watched = [source.modified_at] if source.modified_at else [m.column for m in source.fields.values()]
     try:
+        writer = connector.writer(source)
         _resume(con, writer, entity, target, run_id)
         attempted = failed = 0
         stopped = None
@@ -81,7 +82,7 @@ def load_target(con, cfg: Config, entity: str, target: str, run_id: str, url: st
             if settings.pause_seconds:
                 time.sleep(settings.pause_seconds)
     finally:
-        writer.c.close()
+        connector.close()
     counts = dict(con.execute("""SELECT status, count(*) FROM audit.changes WHERE run_id = ? AND entity = ?
                                  AND target = ? GROUP BY 1""", [run_id, entity, target]).fetchall())
     return {"target": target, "status": "stopped" if stopped else "done", "reason": stopped,
@@ -107,65 +108,53 @@ def _next_batch(con, entity, target, run_id, size) -> list[dict]:
     return list(groups.values())
 
 
-def _apply_batch(writer: SqlWriter, batch: list[dict], watched: list[str]) -> list[dict]:
-    outcomes: list[dict] = []
-    with writer.batch() as conn:
-        keys = [g["record_key"] for g in batch if g["record_key"] is not None]
-        columns = sorted({c["column"] for g in batch for c in g["changes"] if c["column"]} | set(watched))
-        current = writer.current(conn, keys, columns) if keys else {}
-        for g in batch:
-            outcomes += _apply_group(writer, conn, g, current, watched)
-    return outcomes
-
-
-def _apply_group(writer: SqlWriter, conn, g: dict, current: dict, watched: list[str]) -> list[dict]:
+def _write_op(ref: str, g: dict, watched: list[str]) -> tuple[WriteOp, dict, bool]:
+    """One record's changes as a WriteOp, plus what it writes (for the ledger) and whether a rollback can
+    restore it (an erasure or a hard delete cannot)."""
     changes = g["changes"]
     key = g["record_key"]
-
-    def all_(status, **extra):
-        return [{"change_id": c["change_id"], "status": status, **extra} for c in changes]
-
+    expected = None
     if key is not None:
-        now_vals = current.get(key)
-        if now_vals is None:
-            return all_("skipped_conflict", error=f"record {key} no longer exists in the target")
-        expected = g["expected"] or {}
-        drift = {c: (expected.get(c), now_vals.get(c)) for c in watched if c in expected and expected.get(c) != now_vals.get(c)}
-        if drift:
-            return all_("skipped_conflict", error="changed in the target since extraction: " + ", ".join(
-                f"{c} {a!r} -> {b!r}" for c, (a, b) in sorted(drift.items())))
-    sp = writer.savepoint(conn)
-    try:
-        op = changes[0]["operation"]
-        if op == "create":
-            values = json.loads(changes[0]["after"])
-            new_key = writer.insert(conn, values)
-            sp.commit()
-            return [{"change_id": changes[0]["change_id"], "status": "applied", "record_key": new_key,
-                     "before_image": None, "written": values}]
-        before = {c["column"]: now_vals.get(c["column"]) for c in changes if c["column"]}
-        if any(c["operation"] == "erase" for c in changes):
-            spec = json.loads(next(c["after"] for c in changes if c["operation"] == "erase"))
-            if spec["mode"] == "delete":
-                writer.delete(conn, key)
-                written = {}
-            else:
-                written = {c: None for c in spec["columns"]}
-                writer.update(conn, key, written)
-            before = None  # an erasure is never rolled back
-        elif any(c["operation"] == "archive" and c["field"] == "*" for c in changes):
-            writer.delete(conn, key)
-            written = {}
-        else:
-            written = {c["column"]: c["after"] for c in changes if c["column"]}
-            if writer.update(conn, key, written) != 1:
-                raise ReconcileError(f"record {key} was not found for update")
-        sp.commit()
-        return all_("applied", before_image=before, written=written)
-    except Exception as e:  # a constraint violation or a rejected value: this record fails alone
-        sp.rollback()
-        detail = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-        return all_("failed", error=detail[:500])
+        exp = g["expected"] or {}
+        expected = {c: exp[c] for c in watched if c in exp}
+    op = changes[0]["operation"]
+    if op == "create":
+        values = json.loads(changes[0]["after"])
+        return WriteOp(ref, "create", None, values), values, False
+    if any(c["operation"] == "erase" for c in changes):
+        spec = json.loads(next(c["after"] for c in changes if c["operation"] == "erase"))
+        if spec["mode"] == "delete":
+            return WriteOp(ref, "delete", key, {}, expected), {}, False
+        written = {c: None for c in spec["columns"]}
+        return WriteOp(ref, "update", key, written, expected), written, False
+    if any(c["operation"] == "archive" and c["field"] == "*" for c in changes):
+        return WriteOp(ref, "delete", key, {}, expected), {}, False
+    written = {c["column"]: c["after"] for c in changes if c["column"]}
+    return WriteOp(ref, "update", key, written, expected), written, True
+
+
+def _apply_batch(writer: Writer, batch: list[dict], watched: list[str]) -> list[dict]:
+    """The batch through the writer; one outcome per change (a create group is its one change)."""
+    ops, written, restorable = [], [], []
+    for i, g in enumerate(batch):
+        op, w, r = _write_op(str(i), g, watched)
+        ops.append(op)
+        written.append(w)
+        restorable.append(r)
+    outcomes: list[dict] = []
+    for g, res, w, r in zip(batch, writer.apply(ops), written, restorable):
+        changes = g["changes"][:1] if g["record_key"] is None else g["changes"]
+        for c in changes:
+            o = {"change_id": c["change_id"], "status": res.status, "error": res.error}
+            if res.status == "applied":
+                o.update(before_image=res.before if r else None, written=w,
+                         record_key=res.key if g["record_key"] is None else None)
+            elif res.status == "held":  # the target already holds this record: a link candidate, never retried
+                o["reason"] = (f"the target refused the create: {res.error}; its record {res.existing_key} is a "
+                               "link candidate in review")
+                o["existing_key"] = res.existing_key
+            outcomes.append(o)
+    return outcomes
 
 
 def _record(con, entity: str, target: str, run_id: str, outcomes: list[dict]) -> None:
@@ -176,8 +165,9 @@ def _record(con, entity: str, target: str, run_id: str, outcomes: list[dict]) ->
     frame = pd.DataFrame([{
         "change_id": o["change_id"], "status": o["status"], "error": o.get("error"),
         "before_image": json.dumps(o["before_image"]) if o.get("before_image") else None,
-        "new_key": o.get("record_key"),
-    } for o in outcomes], columns=["change_id", "status", "error", "before_image", "new_key"])
+        "new_key": o.get("record_key"), "reason": o.get("reason"), "existing_key": o.get("existing_key"),
+    } for o in outcomes], columns=["change_id", "status", "error", "before_image", "new_key", "reason",
+                                   "existing_key"])
     ledger = pd.DataFrame([{"change_id": o["change_id"], "column_name": col, "value_hash": _hash(val)}
                            for o in outcomes if o["status"] == "applied"
                            for col, val in (o.get("written") or {}).items()],
@@ -187,6 +177,7 @@ def _record(con, entity: str, target: str, run_id: str, outcomes: list[dict]) ->
     con.execute("BEGIN TRANSACTION")
     try:
         con.execute("""UPDATE audit.changes c SET status = o.status, error = o.error,
+                              reason = coalesce(o.reason, c.reason),
                               before_image = CAST(o.before_image AS JSON),
                               applied_at = CASE WHEN o.status = 'applied' THEN ?::TIMESTAMP END,
                               record_key = coalesce(c.record_key, o.new_key)
@@ -205,6 +196,19 @@ def _record(con, entity: str, target: str, run_id: str, outcomes: list[dict]) ->
         con.execute("""INSERT INTO audit.write_ledger
                        SELECT ?, ?, coalesce(c.record_key, ''), w.column_name, w.value_hash, w.change_id, ?, ?
                        FROM _written w JOIN audit.changes c USING (change_id)""", [entity, target, run_id, now])
+        # A create the target refused because the record exists there (HubSpot's 409): the existing record
+        # waits in review as a link candidate for the identity.
+        con.execute("""INSERT INTO review.items
+                       SELECT md5(concat_ws('|', 'link_candidate', c.entity, c.target, c.xid, o.existing_key)),
+                              c.entity, 'link_candidate', c.target, 'open',
+                              c.target || ' already holds record ' || coalesce(o.existing_key, '?') ||
+                              ': is it ' || c.xid || '?',
+                              json_object('xid', c.xid, 'target', c.target, 'existing_key', o.existing_key,
+                                          'message', o.error, 'change_id', c.change_id, 'values', c.after_raw),
+                              c.run_id, c.run_id, ?, ?
+                       FROM audit.changes c JOIN _outcomes o USING (change_id) WHERE o.status = 'held'
+                       ON CONFLICT (item_id) DO UPDATE SET last_seen_run = excluded.last_seen_run,
+                              updated_at = excluded.updated_at""", [now, now])
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -214,7 +218,7 @@ def _record(con, entity: str, target: str, run_id: str, outcomes: list[dict]) ->
         con.unregister("_written")
 
 
-def _resume(con, writer: SqlWriter, entity: str, target: str, run_id: str) -> None:
+def _resume(con, writer: Writer, entity: str, target: str, run_id: str) -> None:
     """Changes left `applying` by a killed load: written already -> applied; not written -> planned again."""
     rows = con.execute("""SELECT change_id, record_key, operation, column_name, after_raw FROM audit.changes
                           WHERE run_id = ? AND entity = ? AND target = ? AND status = 'applying'""",
@@ -222,63 +226,55 @@ def _resume(con, writer: SqlWriter, entity: str, target: str, run_id: str) -> No
     if not rows:
         return
     print(f"resuming load into {target}: verifying {len(rows)} change(s) interrupted mid-write", file=sys.stderr)
-    with writer.batch() as conn:
-        keys = [r[1] for r in rows if r[1] is not None]
-        cols = sorted({r[3] for r in rows if r[3]})
-        current = writer.current(conn, keys, cols) if keys else {}
-        for cid, key, op, col, after in rows:
-            if op == "update" or op == "link" or (op == "archive" and col):
-                done = key in current and current[key].get(col) == after
-            elif op == "create":
-                values = json.loads(after)
-                probe = {k: v for k, v in values.items() if v is not None}
-                found = _find(writer, conn, probe)
-                done = found is not None
-                if done:
-                    con.execute("UPDATE audit.changes SET record_key = ? WHERE change_id = ?", [found, cid])
-            else:  # erase / hard delete: done if the record is gone (or, anonymised, its text columns blank)
-                spec = json.loads(after) if op == "erase" else {"mode": "delete"}
-                done = key not in current or (spec["mode"] != "delete" and all(
-                    v is None for c, v in writer.current(conn, [key], spec["columns"]).get(key, {}).items()))
-            con.execute("UPDATE audit.changes SET status = ?, applied_at = CASE WHEN ? THEN ? END, "
-                        "error = CASE WHEN ? THEN 'verified after an interrupted load' END WHERE change_id = ?",
-                        ["applied" if done else "planned", done, _now(), done, cid])
-
-
-def _find(writer: SqlWriter, conn, values: dict) -> str | None:
-    import sqlalchemy as sa
-
-    stmt = sa.select(sa.column(writer.key)).select_from(writer.table)
-    for k, v in values.items():
-        stmt = stmt.where(sa.column(k) == v)
-    row = conn.execute(stmt.limit(1)).fetchone()
-    return None if row is None else str(row[0])
+    keys = [r[1] for r in rows if r[1] is not None]
+    cols = sorted({r[3] for r in rows if r[3]} | {c for r in rows if r[2] == "erase"
+                                                 for c in json.loads(r[4]).get("columns", [])})
+    current = writer.current(keys, cols) if keys else {}
+    for cid, key, op, col, after in rows:
+        if op == "update" or op == "link" or (op == "archive" and col):
+            done = key in current and current[key].get(col) == after
+        elif op == "create":
+            values = json.loads(after)
+            found = writer.find({k: v for k, v in values.items() if v is not None})
+            done = found is not None
+            if done:
+                con.execute("UPDATE audit.changes SET record_key = ? WHERE change_id = ?", [found, cid])
+        else:  # erase / hard delete: done if the record is gone (or, anonymised, its text columns blank)
+            spec = json.loads(after) if op == "erase" else {"mode": "delete"}
+            done = key not in current or (spec["mode"] != "delete" and all(
+                current[key].get(c) is None for c in spec["columns"]))
+        con.execute("UPDATE audit.changes SET status = ?, applied_at = CASE WHEN ? THEN ? END, "
+                    "error = CASE WHEN ? THEN 'verified after an interrupted load' END WHERE change_id = ?",
+                    ["applied" if done else "planned", done, _now(), done, cid])
 
 
 def rollback(con, cfg: Config, entity: str, target: str, run_id: str, url: str) -> dict:
     """Revert a run's applied changes in one target from their before-images; values edited since are
-    skipped and reported."""
+    skipped and reported (the writer's precondition: the target still holds what we wrote)."""
     source = cfg.entities[entity].sources[target]
-    writer = SqlWriter(connect(target, url), source)
+    connector = connect(target, url, cfg.systems[target])
     restored, skipped, impossible = [], [], []
     try:
+        writer = connector.writer(source)
         rows = con.execute("""SELECT change_id, record_key, operation, column_name, after_raw, before_image
                               FROM audit.changes WHERE run_id = ? AND entity = ? AND target = ? AND status = 'applied'
                               ORDER BY change_id""", [run_id, entity, target]).fetchall()
-        with writer.batch() as conn:
-            keys = [r[1] for r in rows if r[1]]
-            cols = sorted({r[3] for r in rows if r[3]})
-            current = writer.current(conn, keys, cols) if keys else {}
-            for cid, key, op, col, after, before in rows:
-                if op == "create":
-                    written = json.loads(after)
-                    now_vals = writer.current(conn, [key], list(written)).get(key)
-                    if now_vals is None or any(now_vals.get(c) != (None if v is None else str(v)) for c, v in written.items()):
-                        skipped.append({"change_id": cid, "record_key": key, "why": "edited since it was created"})
-                        continue
-                    writer.delete(conn, key)
-                    restored.append(cid)
-                    # the record is gone: so is the link we made when we created it (a later run may re-plan)
+        ops, meta = [], {}
+        for cid, key, op, col, after, before in rows:
+            if op == "create":  # remove what we created, unless edited since
+                written = json.loads(after)
+                ops.append(WriteOp(cid, "delete", key, {}, {c: as_text(v) for c, v in written.items()}))
+            elif before is None or op == "erase" or (op == "archive" and not col):
+                impossible.append({"change_id": cid, "record_key": key, "why": f"{op} has no before-image"})
+                continue
+            else:
+                ops.append(WriteOp(cid, "update", key, {col: json.loads(before).get(col)}, {col: after}))
+            meta[cid] = (key, op, col, after)
+        for res in writer.apply(ops) if ops else []:
+            key, op, col, after = meta[res.ref]
+            if res.status == "applied":
+                restored.append(res.ref)
+                if op == "create":  # the record is gone: so is the link we made (a later run may re-plan)
                     con.execute("""INSERT INTO identity.xref_history
                                    SELECT entity, xid, system, record_key, 'unlink', 'rollback', NULL, NULL, ?, now(),
                                           'created record removed by rollback'
@@ -286,19 +282,14 @@ def rollback(con, cfg: Config, entity: str, target: str, run_id: str, url: str) 
                                 [run_id, entity, target, key])
                     con.execute("DELETE FROM identity.xref WHERE entity = ? AND system = ? AND record_key = ?",
                                 [entity, target, key])
-                    continue
-                if before is None or op == "erase" or (op == "archive" and not col):
-                    impossible.append({"change_id": cid, "record_key": key, "why": f"{op} has no before-image"})
-                    continue
-                if current.get(key, {}).get(col) != after:
-                    skipped.append({"change_id": cid, "record_key": key, "column": col,
-                                    "why": f"edited since: now {current.get(key, {}).get(col)!r}, we wrote {after!r}"})
-                    continue
-                writer.update(conn, key, {col: json.loads(before).get(col)})
-                restored.append(cid)
+            elif op == "create":
+                skipped.append({"change_id": res.ref, "record_key": key, "why": "edited since it was created"})
+            else:
+                skipped.append({"change_id": res.ref, "record_key": key, "column": col,
+                                "why": f"edited since ({res.error}); we wrote {after!r}"})
         if restored:
             con.execute("UPDATE audit.changes SET status = 'rolled_back' WHERE change_id IN (SELECT unnest(?::VARCHAR[]))",
                         [restored])
     finally:
-        writer.c.close()
+        connector.close()
     return {"target": target, "restored": len(restored), "skipped": skipped, "not_reversible": impossible}
