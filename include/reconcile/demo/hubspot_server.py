@@ -17,22 +17,20 @@ reconcile depends on it:
 - every write is appended to `server.writes` (op, id), so tests verify exactly-once against the server.
 
 State lives in the SQLite file (the table's constraints are the portal's validation rules), so it persists
-between nights. Test faults: `inject(status, times, path=..., headers=...)`.
+between nights. Test faults: `inject(...)` and `before(...)` (demo/fake_api.py).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sqlite3
-import threading
 import time
 from collections import deque
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+
+from .fake_api import ApiError, LocalApiServer
 
 LIST_LIMIT = 100
 SEARCH_LIMIT = 200
@@ -41,14 +39,13 @@ BATCH_LIMIT = 100
 _OPS = {"EQ": "=", "NEQ": "<>", "GT": ">", "GTE": ">=", "LT": "<", "LTE": "<="}
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, category: str = "VALIDATION_ERROR", **extra):
-        super().__init__(message)
-        self.status, self.message, self.category, self.extra = status, message, category, extra
+class HubSpotError(ApiError):
+    """An error in HubSpot's shape: {status: error, message, category, correlationId}."""
 
-    def body(self) -> dict:
-        return {"status": "error", "message": self.message, "category": self.category,
-                "correlationId": "00000000-0000-0000-0000-000000000000", **self.extra}
+    def __init__(self, status: int, message: str, category: str = "VALIDATION_ERROR"):
+        super().__init__(status, {"status": "error", "message": message, "category": category,
+                                  "correlationId": "00000000-0000-0000-0000-000000000000"})
+        self.message, self.category = message, category
 
 
 def _now_iso() -> str:
@@ -72,69 +69,34 @@ class ObjectType:
         self.modified, self.created, self.label = modified, created, label
 
 
-class HubSpotServer:
+class HubSpotServer(LocalApiServer):
     """The server; `start()` serves in a background thread, `stop()` ends it. Use as a context manager."""
 
     def __init__(self, db: str | Path, token: str, objects: list[ObjectType] | None = None, port: int = 0,
                  rate_limit: tuple[int, float] | None = None, search_max_results: int = SEARCH_MAX_RESULTS,
                  list_limit: int = LIST_LIMIT, search_limit: int = SEARCH_LIMIT):
-        self.db = str(db)
-        self.token = token
+        super().__init__(db, token, port)
         self.objects = {o.name: o for o in (objects or [ObjectType("contacts", "contacts", "vid")])}
         self.rate_limit = rate_limit            # (requests, per seconds)
         self.search_max_results = search_max_results
         self.list_limit, self.search_limit = list_limit, search_limit
-        self.writes: list[tuple[str, str]] = []
-        self.requests: list[tuple[str, str, int]] = []  # (method, path, status) of every request
-        self._faults: deque = deque()
         self._hits: deque = deque()
-        self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
-        self._thread: threading.Thread | None = None
 
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+    def unauthorized(self) -> HubSpotError:
+        return HubSpotError(401, "Authentication credentials not found. This API supports OAuth 2.0 authentication "
+                                 "and you can find more details at https://developers.hubspot.com/docs/methods/auth/oauth-overview",
+                            "INVALID_AUTHENTICATION")
 
-    def inject(self, status: int, times: int = 1, path: str = "", headers: dict | None = None,
-               body: dict | None = None) -> None:
-        """The next `times` requests whose path contains `path` answer `status` (a 429 storm, 5xx, ...)."""
-        with self._lock:
-            for _ in range(times):
-                self._faults.append((path, status, headers or {}, body))
-
-    def start(self) -> HubSpotServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="hubspot-server", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> HubSpotServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    # --- request handling --------------------------------------------------------------------------------
-
-    def _fault(self, path: str):
-        with self._lock:
-            for i, f in enumerate(self._faults):
-                if f[0] in path:
-                    del self._faults[i]
-                    return f
-        return None
+    def fault_body(self, status: int) -> dict:
+        return {"status": "error", "message": f"injected HTTP {status}",
+                "category": "RATE_LIMITS" if status == 429 else "INTERNAL_ERROR"}
 
     def _rate_headers(self) -> tuple[bool, dict]:
         if not self.rate_limit:
             return False, {}
         limit, per = self.rate_limit
         now = time.monotonic()
-        with self._lock:
+        with self.lock:
             while self._hits and now - self._hits[0] > per:
                 self._hits.popleft()
             over = len(self._hits) >= limit
@@ -144,32 +106,20 @@ class HubSpotServer:
         return over, {"X-HubSpot-RateLimit-Max": str(limit), "X-HubSpot-RateLimit-Remaining": str(remaining),
                       "X-HubSpot-RateLimit-Interval-Milliseconds": str(int(per * 1000))}
 
-    def handle(self, method: str, raw_path: str, headers, body: bytes) -> tuple[int, dict, object]:
-        parsed = urlparse(raw_path)
-        path, query = parsed.path, parse_qs(parsed.query)
-        if headers.get("Authorization") != f"Bearer {self.token}":
-            raise ApiError(401, "Authentication credentials not found. This API supports OAuth 2.0 authentication "
-                                "and you can find more details at https://developers.hubspot.com/docs/methods/auth/oauth-overview",
-                           "INVALID_AUTHENTICATION")
-        fault = self._fault(path)
-        if fault:
-            _, status, extra, fbody = fault
-            return status, extra, fbody or {"status": "error", "message": f"injected HTTP {status}",
-                                             "category": "RATE_LIMITS" if status == 429 else "INTERNAL_ERROR"}
+    def route(self, method: str, path: str, query: dict, headers, payload) -> tuple[int, dict, object]:
         over, rate = self._rate_headers()
         if over:
             return 429, rate, {"status": "error", "message": "You have reached your secondly limit.",
                                "errorType": "RATE_LIMIT", "policyName": "SECONDLY", "category": "RATE_LIMITS"}
-        payload = json.loads(body) if body else {}
         m = re.fullmatch(r"/crm/v3/properties/([^/]+)", path)
         if m and method == "GET":
             return 200, rate, self._properties(self._type(m.group(1)))
         m = re.fullmatch(r"/crm/v3/objects/([^/]+)(?:/([^/]+))?(?:/([^/]+))?", path)
         if not m:
-            raise ApiError(404, f"no route for {method} {path}", "OBJECT_NOT_FOUND")
+            raise HubSpotError(404, f"no route for {method} {path}", "OBJECT_NOT_FOUND")
         otype = self._type(m.group(1))
         sub, action = m.group(2), m.group(3)
-        with self._lock, self._connect() as con:
+        with self.lock, self.connect() as con:
             if sub is None and method == "GET":
                 return 200, rate, self._list(con, otype, query)
             if sub is None and method == "POST":
@@ -189,24 +139,18 @@ class HubSpotServer:
                 con.execute(f'DELETE FROM "{otype.table}" WHERE "{otype.id_column}" = ?', [sub])
                 self.writes.append(("archive", sub))
                 return 204, rate, None
-        raise ApiError(405, f"{method} is not allowed on {path}", "METHOD_NOT_ALLOWED")
-
-    def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.db, isolation_level=None)
-        con.row_factory = sqlite3.Row
-        con.execute("BEGIN")
-        return _Txn(con)
+        raise HubSpotError(405, f"{method} is not allowed on {path}", "METHOD_NOT_ALLOWED")
 
     def _type(self, name: str) -> ObjectType:
         if name not in self.objects:
-            raise ApiError(400, f"Unable to infer object type from: {name}", "VALIDATION_ERROR")
+            raise HubSpotError(400, f"Unable to infer object type from: {name}", "VALIDATION_ERROR")
         return self.objects[name]
 
     def _columns(self, con, otype: ObjectType) -> list[str]:
         return [r[1] for r in con.execute(f'PRAGMA table_info("{otype.table}")')]
 
     def _properties(self, otype: ObjectType) -> dict:
-        with self._connect() as con:
+        with self.connect() as con:
             cols = self._columns(con, otype)
         names = ["hs_object_id"] + [c for c in cols if c != otype.id_column]
         return {"results": [{"name": n, "label": n, "type": "string", "fieldType": "text"} for n in names]}
@@ -226,7 +170,7 @@ class HubSpotServer:
     def _row(self, con, otype: ObjectType, oid: str) -> sqlite3.Row:
         row = con.execute(f'SELECT * FROM "{otype.table}" WHERE "{otype.id_column}" = ?', [oid]).fetchone()
         if row is None:
-            raise ApiError(404, f"resource not found: {otype.label} {oid} does not exist", "OBJECT_NOT_FOUND")
+            raise HubSpotError(404, f"resource not found: {otype.label} {oid} does not exist", "OBJECT_NOT_FOUND")
         return row
 
     def _list(self, con, otype: ObjectType, query: dict) -> dict:
@@ -249,7 +193,7 @@ class HubSpotServer:
         cols = set(self._columns(con, otype)) | {"hs_object_id"}
         bad = [p for p in props if p not in cols]
         if bad:
-            raise ApiError(400, f'Property values were not valid: Property "{bad[0]}" does not exist',
+            raise HubSpotError(400, f'Property values were not valid: Property "{bad[0]}" does not exist',
                            "VALIDATION_ERROR")
 
     def _column(self, otype: ObjectType, prop: str) -> str:
@@ -259,9 +203,9 @@ class HubSpotServer:
         limit = int(payload.get("limit", 10))
         after = int(payload.get("after") or 0)
         if limit > self.search_limit:
-            raise ApiError(400, f"limit must be at most {self.search_limit}", "VALIDATION_ERROR")
+            raise HubSpotError(400, f"limit must be at most {self.search_limit}", "VALIDATION_ERROR")
         if after + limit > self.search_max_results:
-            raise ApiError(400, f"Paging beyond {self.search_max_results} results is not supported: narrow the "
+            raise HubSpotError(400, f"Paging beyond {self.search_max_results} results is not supported: narrow the "
                                 "search (e.g. by lastmodifieddate)", "VALIDATION_ERROR")
         props = payload.get("properties") or []
         self._check_props(con, otype, props)
@@ -273,7 +217,7 @@ class HubSpotServer:
                 self._check_props(con, otype, [f["propertyName"]])
                 op = _OPS.get(f.get("operator", "EQ"))
                 if op is None:
-                    raise ApiError(400, f"unsupported operator {f.get('operator')}", "VALIDATION_ERROR")
+                    raise HubSpotError(400, f"unsupported operator {f.get('operator')}", "VALIDATION_ERROR")
                 if col in (otype.modified, otype.created):
                     terms.append(f'julianday("{col}") {op} julianday(?)')
                     args.append(_ts_value(f["value"]))
@@ -315,7 +259,7 @@ class HubSpotServer:
         values = self._values(con, otype, props)
         existing = self._existing(con, otype, values)
         if existing is not None:
-            raise ApiError(409, f"{otype.label} already exists. Existing ID: {existing}", "CONFLICT")
+            raise HubSpotError(409, f"{otype.label} already exists. Existing ID: {existing}", "CONFLICT")
         now = _now_iso()
         cols = self._columns(con, otype)
         for stamp in (otype.created, otype.modified):
@@ -326,7 +270,7 @@ class HubSpotServer:
             cur = con.execute(f'INSERT INTO "{otype.table}" ({", ".join(chr(34) + n + chr(34) for n in names)}) '
                               f'VALUES ({", ".join("?" * len(names))})', [values[n] for n in names])
         except sqlite3.IntegrityError as e:
-            raise ApiError(400, f"Property values were not valid: {e}", "VALIDATION_ERROR") from None
+            raise HubSpotError(400, f"Property values were not valid: {e}", "VALIDATION_ERROR") from None
         return str(cur.lastrowid)
 
     def _apply_update(self, con, otype: ObjectType, oid: str, props: dict) -> None:
@@ -335,14 +279,14 @@ class HubSpotServer:
         clash = {k: v for k, v in values.items() if k in otype.unique}
         existing = self._existing(con, otype, clash)
         if existing is not None and existing != oid:
-            raise ApiError(409, f"{otype.label} already exists. Existing ID: {existing}", "CONFLICT")
+            raise HubSpotError(409, f"{otype.label} already exists. Existing ID: {existing}", "CONFLICT")
         if otype.modified in self._columns(con, otype):
             values[otype.modified] = _now_iso()
         sets = ", ".join(f'"{k}" = ?' for k in values)
         try:
             con.execute(f'UPDATE "{otype.table}" SET {sets} WHERE "{otype.id_column}" = ?', [*values.values(), oid])
         except sqlite3.IntegrityError as e:
-            raise ApiError(400, f"Property values were not valid: {e}", "VALIDATION_ERROR") from None
+            raise HubSpotError(400, f"Property values were not valid: {e}", "VALIDATION_ERROR") from None
         self.writes.append(("update", oid))
 
     def _create_one(self, con, otype: ObjectType, props: dict) -> dict:
@@ -357,7 +301,7 @@ class HubSpotServer:
     def _batch(self, con, otype: ObjectType, action: str, payload: dict) -> tuple[int, dict | None]:
         inputs = payload.get("inputs") or []
         if len(inputs) > BATCH_LIMIT:
-            raise ApiError(400, f"Batch size {len(inputs)} exceeds the limit of {BATCH_LIMIT} inputs",
+            raise HubSpotError(400, f"Batch size {len(inputs)} exceeds the limit of {BATCH_LIMIT} inputs",
                            "VALIDATION_ERROR")
         started = _now_iso()
         if action == "read":
@@ -386,7 +330,7 @@ class HubSpotServer:
                 for i in inputs:
                     oid = self._insert(con, otype, i.get("properties") or {})
                     created.append((oid, i))
-            except ApiError:
+            except HubSpotError:
                 con.execute("ROLLBACK TO batch")
                 raise
             con.execute("RELEASE batch")
@@ -407,7 +351,7 @@ class HubSpotServer:
                     con.execute("RELEASE one")
                     results.append(self._object(otype, self._row(con, otype, str(i["id"])),
                                                 list(i.get("properties") or {})))
-                except ApiError as e:
+                except HubSpotError as e:
                     con.execute("ROLLBACK TO one")
                     con.execute("RELEASE one")
                     errors.append({"status": "error", "category": e.category, "message": e.message,
@@ -422,64 +366,7 @@ class HubSpotServer:
                 con.execute(f'DELETE FROM "{otype.table}" WHERE "{otype.id_column}" = ?', [i["id"]])
                 self.writes.append(("archive", str(i["id"])))
             return 204, None
-        raise ApiError(404, f"unknown batch action {action!r}", "OBJECT_NOT_FOUND")
-
-
-class _Txn:
-    """A SQLite connection as a context manager: commit on success, roll back on error, always close."""
-
-    def __init__(self, con: sqlite3.Connection):
-        self.con = con
-
-    def __enter__(self):
-        return self.con
-
-    def __exit__(self, exc_type, *_):
-        try:
-            self.con.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            self.con.close()
-
-
-def _handler(server: HubSpotServer):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args) -> None:  # quiet: tests and the demo print what matters
-            pass
-
-        def _serve(self, method: str) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            try:
-                status, headers, payload = server.handle(method, self.path, self.headers, body)
-            except ApiError as e:
-                status, headers, payload = e.status, {}, e.body()
-            except (ValueError, KeyError, TypeError) as e:
-                status, headers, payload = 400, {}, ApiError(400, f"Invalid input JSON: {e}").body()
-            server.requests.append((method, self.path, status))
-            data = b"" if payload is None else json.dumps(payload).encode()
-            self.send_response(status)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            if data:
-                self.send_header("Content-Type", "application/json;charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            self._serve("GET")
-
-        def do_POST(self):
-            self._serve("POST")
-
-        def do_PATCH(self):
-            self._serve("PATCH")
-
-        def do_DELETE(self):
-            self._serve("DELETE")
-
-    return Handler
+        raise HubSpotError(404, f"unknown batch action {action!r}", "OBJECT_NOT_FOUND")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -500,12 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ready_file:
         Path(args.ready_file).write_text(srv.url)
     print(f"HubSpot-like API for {args.db} on {srv.url}", flush=True)
-    try:
-        srv._httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        srv._httpd.server_close()
+    srv.serve_forever()
     return 0
 
 
