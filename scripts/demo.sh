@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make demo`: fresh demo systems -> project-local Airflow -> one run of the reconcile_contact DAG -> summary.
+# `make demo`: fresh demo systems (marketing served by a local HubSpot-like API) -> project-local Airflow ->
+# two nights of the reconcile_contact DAG -> summary.
 #
 # Usage: bash scripts/demo.sh [DIR]   (default: demo; relative to the repository root). Re-runnable: every
 # call regenerates the demo systems and the warehouse; the Airflow metadata DB (SQLite in .airflow/) is
@@ -18,11 +19,23 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 [[ -x "$BIN/reconcile" && -x "$BIN/airflow" ]] || die "no project virtualenv at .venv: run \`make venv\` first"
 
-step "1/4 Demo systems (CRM, marketing, ERP as SQLite) in $DIR"
+step "1/4 Demo systems in $DIR: CRM and ERP as SQLite, marketing behind a local HubSpot-like API"
 rm -rf "$DIR/warehouse"  # the warehouse (and its run state) from an earlier demo: start clean
-"$BIN/reconcile" demo init "$DIR" --force
+API_PORT="$("$BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+"$BIN/reconcile" demo init "$DIR" --force --api-port "$API_PORT"
 DIR_ABS="$(cd "$DIR" && pwd)"
 CONFIG="$DIR_ABS/reconcile.yaml"
+# The HubSpot-like API over systems/marketing.db (state persists between the nights), stopped on exit.
+export RECONCILE_DEMO_HUBSPOT_TOKEN="demo-$("$BIN/python" -c 'import secrets; print(secrets.token_hex(12))')"
+API_READY="$DIR_ABS/.hubspot-api.url"
+rm -f "$API_READY"
+"$BIN/python" -m reconcile.demo.hubspot_server "$DIR_ABS/systems/marketing.db" --port "$API_PORT" \
+  --ready-file "$API_READY" >"$DIR_ABS/hubspot-api.log" 2>&1 &
+API_PID=$!
+trap 'kill "$API_PID" 2>/dev/null || true' EXIT
+for _ in $(seq 1 50); do [[ -s "$API_READY" ]] && break; sleep 0.1; done
+[[ -s "$API_READY" ]] || die "the HubSpot-like API did not start; see $DIR_ABS/hubspot-api.log"
+echo "marketing API: $(cat "$API_READY") (pid $API_PID; stopped when this script ends)"
 
 step "2/4 Project-local Airflow"
 source "$ROOT/scripts/airflow_env.sh"

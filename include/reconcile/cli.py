@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=7, help="random seed; same seed, same data (default 7)")
     init.add_argument("--force", action="store_true", help="replace an existing demo in DIR")
     init.add_argument("--json", action="store_true", help="print what was written as one JSON object on stdout")
+    init.add_argument("--api", action="store_true",
+                      help="reach marketing through a local HubSpot-like API (serve it with "
+                           "`python -m reconcile.demo.hubspot_server DIR/systems/marketing.db`; make demo does)")
+    init.add_argument("--api-port", type=int, default=None,
+                      help="the API's port on 127.0.0.1 (default 18777; implies --api)")
 
     check = sub.add_parser("check-config", help="validate a config; exit 2 listing every problem (schema and "
                                                 "cross-field rules, in one pass)")
@@ -236,9 +241,11 @@ def _dispatch(args) -> int:
 
 def _demo_init(args) -> int:
     from .demo import init_demo
+    from .demo.hubspot_server import DEFAULT_DEMO_PORT
 
+    port = args.api_port or (DEFAULT_DEMO_PORT if args.api else None)
     try:
-        result = init_demo(args.directory, people=args.people, seed=args.seed, force=args.force)
+        result = init_demo(args.directory, people=args.people, seed=args.seed, force=args.force, api_port=port)
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return runner.EXIT_USAGE
@@ -250,6 +257,10 @@ def _demo_init(args) -> int:
     for system, path in result["systems"].items():
         print(f"  {system:<11} {path} ({result['records'][system]} records)")
     print(f"  answer key  {result['answer_key']}")
+    if port:
+        print(f"  marketing is read and written through http://127.0.0.1:{port} (HubSpot-like API); serve it with")
+        print(f"    export RECONCILE_DEMO_HUBSPOT_TOKEN=<any token>")
+        print(f"    python -m reconcile.demo.hubspot_server {result['systems']['marketing']} --port {port}")
     print(f"next: reconcile run --config {result['config']}")
     return 0
 

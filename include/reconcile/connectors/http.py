@@ -50,6 +50,10 @@ class ApiClient:
     def mask(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
 
+    def message(self, resp: httpx.Response) -> str:
+        """The API's own message for a failed call, token masked: what a per-record outcome carries."""
+        return self.mask(error_message(resp))[:500]
+
     def fail(self, what: str, detail: str) -> SystemUnreachable:
         return SystemUnreachable(self.mask(f"system {self.system!r} ({self.base_url}): {what}: {detail}"))
 

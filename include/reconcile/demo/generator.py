@@ -660,13 +660,15 @@ def _write_db(path: Path, system: str, rows: list[tuple[tuple, str]]) -> None:
     os.replace(tmp, path)
 
 
-def init_demo(directory: str | Path, people: int = 200, seed: int = 7, force: bool = False) -> dict:
+def init_demo(directory: str | Path, people: int = 200, seed: int = 7, force: bool = False,
+              api_port: int | None = None) -> dict:
     """Write DIR/reconcile.yaml, DIR/systems/{crm,marketing,erp}.db (SQLite) and DIR/answer_key.csv.
 
     Deterministic for (people, seed): the same inputs give a byte-identical answer key and identical
     database rows. Refuses with FileExistsError if the config, a database or the answer key already
     exists, unless force=True (then they are replaced; anything else in DIR, such as a warehouse, is
-    left alone). Returns {"config", "systems": {name: path}, "answer_key", "records": {system: n},
+    left alone). With `api_port`, the config reaches marketing through the HubSpot-like API on that port of
+    127.0.0.1 (served from systems/marketing.db by demo/hubspot_server.py). Returns {"config", "systems": {name: path}, "answer_key", "records": {system: n},
     "people"} with paths as strings.
     """
     if isinstance(people, bool) or not isinstance(people, int) or people < MIN_PEOPLE:
@@ -690,7 +692,12 @@ def init_demo(directory: str | Path, people: int = 200, seed: int = 7, force: bo
     for name in SYSTEMS:
         _write_db(db_paths[name], name, rows[name])
     write_answer_key(key_path, ((name, row[0], pid) for name in SYSTEMS for row, pid in rows[name]))
-    config_path.write_text(DEMO_CONFIG, encoding="utf-8")
+    if api_port is None:
+        config_path.write_text(DEMO_CONFIG, encoding="utf-8")
+    else:  # marketing behind the local HubSpot-like API (demo/hubspot_server.py) instead of read as SQLite
+        from .hubspot_server import api_demo_config
+
+        config_path.write_text(api_demo_config(DEMO_CONFIG, api_port), encoding="utf-8")
     return {
         "config": str(config_path),
         "systems": {name: str(path) for name, path in db_paths.items()},

@@ -369,12 +369,30 @@ class HubSpotServer(LocalApiServer):
         raise HubSpotError(404, f"unknown batch action {action!r}", "OBJECT_NOT_FOUND")
 
 
+DEMO_TOKEN_ENV = "RECONCILE_DEMO_HUBSPOT_TOKEN"
+DEFAULT_DEMO_PORT = 18777
+
+
+def api_demo_config(config: str, port: int) -> str:
+    """The demo config with marketing reached through this server (`reconcile demo init --api`)."""
+    sql = "  marketing:\n    url: sqlite:///systems/marketing.db\n"
+    api = (f"  marketing:                               # the HubSpot-like API scripts/demo.sh serves from\n"
+           f"    api: hubspot                           # systems/marketing.db\n"
+           f"    base_url: http://127.0.0.1:{port}\n"
+           f"    token_env: {DEMO_TOKEN_ENV}   # scripts/demo.sh generates the token\n")
+    key = "        table: contacts\n        key: vid\n"
+    if sql not in config or key not in config:
+        raise ValueError("the demo config no longer has the marketing system this variant replaces")
+    return config.replace(sql, api).replace(key, "        table: contacts                 # the object type\n"
+                                                 "        key: hs_object_id\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m reconcile.demo.hubspot_server DB --port N --token-env VAR`: serve until terminated."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("db", help="the SQLite file holding the `contacts` table (the demo's systems/marketing.db)")
     p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
-    p.add_argument("--token-env", default="RECONCILE_DEMO_HUBSPOT_TOKEN",
+    p.add_argument("--token-env", default=DEMO_TOKEN_ENV,
                    help="environment variable holding the bearer token clients must send")
     p.add_argument("--ready-file", help="write the server's URL here once it listens")
     args = p.parse_args(argv)

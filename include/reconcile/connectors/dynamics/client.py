@@ -16,7 +16,7 @@ import pyarrow as pa
 from ...config.models import ApiLimits, SourceConfig
 from ...errors import ReconcileError
 from ..base import Outcome, Values, WriteOp, as_text, conflict, strings
-from ..http import ApiClient, error_message
+from ..http import ApiClient
 from . import settings as S
 
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -148,10 +148,10 @@ class DynamicsWriter:
         if resp.status_code == 412:
             return Outcome(o.ref, "skipped_conflict", key=o.key,
                            error=f"changed in the target since it was read (412 Precondition Failed: "
-                                 f"{error_message(resp)})")
+                                 f"{self.api.message(resp)})")
         if resp.status_code == 404:
             return Outcome(o.ref, "skipped_conflict", key=o.key, error=f"record {o.key} no longer exists in the target")
-        return Outcome(o.ref, "failed", key=o.key, error=error_message(resp)[:500])
+        return Outcome(o.ref, "failed", key=o.key, error=self.api.message(resp))
 
     def _create(self, o: WriteOp) -> Outcome:
         resp = self.api.request("POST", f"/{self.set}", json={k: v for k, v in o.values.items() if v is not None},
@@ -161,4 +161,4 @@ class DynamicsWriter:
         if resp.status_code in (201, 204):
             m = re.search(r"\(([^)]+)\)\s*$", resp.headers.get("OData-EntityId", ""))
             return Outcome(o.ref, "applied", key=m.group(1) if m else None)
-        return Outcome(o.ref, "failed", error=error_message(resp)[:500])
+        return Outcome(o.ref, "failed", error=self.api.message(resp))

@@ -18,7 +18,7 @@ import pyarrow as pa
 from ...config.models import ApiLimits, SourceConfig
 from ...errors import ReconcileError
 from ..base import Outcome, Values, WriteOp, as_text, conflict, strings
-from ..http import ApiClient, error_message
+from ..http import ApiClient
 from . import settings as S
 
 _EXISTING = re.compile(r"Existing ID: *(\S+?)\.?$")
@@ -212,7 +212,8 @@ class HubSpotWriter:
                 for err in resp.json().get("errors", []):
                     for k in (err.get("context") or {}).get("ids", []):
                         if str(k) in by_key:
-                            self._fail(out, by_key[str(k)], err.get("message") or err.get("category", "error"))
+                            why = err.get("message") or err.get("category", "error")
+                            self._fail(out, by_key[str(k)], self.api.mask(why))
                 continue
             # The whole batch refused (one bad input may fail all): isolate each record.
             for o in chunk:
@@ -221,14 +222,14 @@ class HubSpotWriter:
                     out[o.ref] = Outcome(o.ref, "skipped_conflict", key=o.key,
                                          error=f"record {o.key} no longer exists in the target")
                 elif one.status_code >= 300:
-                    self._fail(out, o.ref, error_message(one))
+                    self._fail(out, o.ref, self.api.message(one))
 
     def _archive(self, ops: list[WriteOp], out: dict[str, Outcome]) -> None:
         for chunk in self._chunks(ops):
             resp = self.api.request("POST", f"{self.path}/batch/archive", json={"inputs": [{"id": o.key} for o in chunk]})
             if resp.status_code >= 300:
                 for o in chunk:
-                    self._fail(out, o.ref, error_message(resp))
+                    self._fail(out, o.ref, self.api.message(resp))
 
     def _creates(self, ops: list[WriteOp], out: dict[str, Outcome]) -> None:
         for chunk in self._chunks(ops):
@@ -248,11 +249,11 @@ class HubSpotWriter:
                 if one.status_code in (200, 201):
                     out[o.ref] = Outcome(o.ref, "applied", key=str(one.json()["id"]))
                 elif one.status_code == 409:
-                    msg = error_message(one)
+                    msg = self.api.message(one)
                     m = _EXISTING.search(msg)
                     out[o.ref] = Outcome(o.ref, "held", error=msg, existing_key=m.group(1) if m else None)
                 else:
-                    out[o.ref] = Outcome(o.ref, "failed", error=error_message(one)[:500])
+                    out[o.ref] = Outcome(o.ref, "failed", error=self.api.message(one))
 
 
 def _epoch_ms(value: datetime | str) -> int:
