@@ -160,3 +160,30 @@ def test_find_and_archive(server):
     assert w.find({"email": "p9@example.com", "firstname": "Other"}) is None
     out = w.apply([WriteOp("d", "delete", "10", {}, {})])
     assert out[0].status == "applied" and w.current(["10", "11"], ["email"]) == {"11": {"email": "p10@example.com"}}
+
+
+def test_the_api_demo_reads_marketing_through_the_server(tmp_path, monkeypatch):
+    from reconcile.config import load_config, resolve_url
+    from reconcile.connectors import connect
+    from reconcile.demo import init_demo
+    from reconcile.demo.hubspot_server import DEMO_TOKEN_ENV
+    from reconcile.stages.extract import source_columns
+
+    srv = None
+    try:
+        init_demo(tmp_path, people=20)  # the systems first: the port is known once the server listens
+        srv = HubSpotServer(tmp_path / "systems" / "marketing.db", TOKEN).start()
+        init_demo(tmp_path, people=20, force=True, api_port=int(srv.url.rsplit(":", 1)[1]))
+        monkeypatch.setenv(DEMO_TOKEN_ENV, TOKEN)
+        cfg = load_config(tmp_path / "reconcile.yaml")
+        assert cfg.system_kind("marketing") == "hubspot" and cfg.system_kind("crm") == "sql"
+        source = cfg.entities["contact"].sources["marketing"]
+        conn = connect("marketing", resolve_url(cfg, "marketing"), cfg.systems["marketing"])
+        cols = source_columns(source, None)
+        assert set(cols) <= set(conn.columns(source))
+        got = [r for t in conn.read_batches(source, cols, None, 50) for r in t.to_pylist()]
+        assert len(got) == rows(tmp_path / "systems" / "marketing.db", "SELECT count(*) FROM contacts")[0][0]
+        assert TOKEN not in (tmp_path / "reconcile.yaml").read_text()
+    finally:
+        if srv:
+            srv.stop()
