@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from reconcile import runner
+from reconcile import review, runner
 from reconcile.config import load_config
 from reconcile.demo.hubspot_server import HubSpotServer, ObjectType
 
@@ -170,7 +170,11 @@ def test_a_create_refused_with_409_is_held_with_the_existing_id(tmp_path, api):
                    "AND xid = (SELECT xid FROM identity.xref WHERE system = 'crm' AND record_key = 'F')")
     assert len(held) == 1 and held[0][0] == "held" and "record 77" in held[0][1] and "Existing ID: 77" in held[0][2]
     item = wh(cfg, "SELECT kind, system, details FROM review.items WHERE kind = 'link_candidate'")
-    assert [(k, s, json.loads(d)["existing_key"]) for k, s, d in item] == [("link_candidate", "marketing", "77")]
+    assert [(k, s, json.loads(d)["record_key"]) for k, s, d in item] == [("link_candidate", "marketing", "77")]
+    item_id = wh(cfg, "SELECT item_id FROM review.items WHERE kind = 'link_candidate'")[0][0]
+    fay = wh(cfg, "SELECT xid FROM identity.xref WHERE system = 'crm' AND record_key = 'F'")[0][0]
+    decided = review.decide(cfg, "link", by="steward", reason="same person", item_id=item_id)
+    assert [(d["action"], d["system"], d["record_key"], d["xid"]) for d in decided] == [("link", "marketing", "77", fay)]
     assert mkt(tmp_path, "SELECT count(*) FROM contacts WHERE email = 'fay@example.com'") == [(1,)]
     assert Counter(s for *_, s in api.requests)[409] == 2  # the batch, then the record alone: never again
 

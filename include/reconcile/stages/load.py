@@ -197,13 +197,14 @@ def _record(con, entity: str, target: str, run_id: str, outcomes: list[dict]) ->
                        SELECT ?, ?, coalesce(c.record_key, ''), w.column_name, w.value_hash, w.change_id, ?, ?
                        FROM _written w JOIN audit.changes c USING (change_id)""", [entity, target, run_id, now])
         # A create the target refused because the record exists there (HubSpot's 409): the existing record
-        # waits in review as a link candidate for the identity.
+        # waits in review as a link candidate for the identity (`reconcile review decide link` takes it).
         con.execute("""INSERT INTO review.items
                        SELECT md5(concat_ws('|', 'link_candidate', c.entity, c.target, c.xid, o.existing_key)),
                               c.entity, 'link_candidate', c.target, 'open',
                               c.target || ' already holds record ' || coalesce(o.existing_key, '?') ||
                               ': is it ' || c.xid || '?',
-                              json_object('xid', c.xid, 'target', c.target, 'existing_key', o.existing_key,
+                              json_object('system', c.target, 'record_key', o.existing_key,
+                                          'candidates', json_array(json_object('xid', c.xid)),
                                           'message', o.error, 'change_id', c.change_id, 'values', c.after_raw),
                               c.run_id, c.run_id, ?, ?
                        FROM audit.changes c JOIN _outcomes o USING (change_id) WHERE o.status = 'held'

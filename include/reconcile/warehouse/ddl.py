@@ -125,7 +125,7 @@ TABLES = [
     """CREATE TABLE IF NOT EXISTS review.items (
         item_id VARCHAR PRIMARY KEY,      -- deterministic: the same situation keeps its item across runs
         entity VARCHAR NOT NULL,
-        kind VARCHAR NOT NULL,            -- collision | ... (identity resolution adds its kinds)
+        kind VARCHAR NOT NULL,            -- collision | link_candidate (load) | ... (identity resolution adds its kinds)
         system VARCHAR,                   -- the system concerned (for a collision: the target)
         status VARCHAR NOT NULL,          -- open | resolved
         title VARCHAR NOT NULL,
