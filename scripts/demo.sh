@@ -26,16 +26,9 @@ API_PORT="$("$BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0
 DIR_ABS="$(cd "$DIR" && pwd)"
 CONFIG="$DIR_ABS/reconcile.yaml"
 # The HubSpot-like API over systems/marketing.db (state persists between the nights), stopped on exit.
-export RECONCILE_DEMO_HUBSPOT_TOKEN="demo-$("$BIN/python" -c 'import secrets; print(secrets.token_hex(12))')"
-API_READY="$DIR_ABS/.hubspot-api.url"
-rm -f "$API_READY"
-"$BIN/python" -m reconcile.demo.hubspot_server "$DIR_ABS/systems/marketing.db" --port "$API_PORT" \
-  --ready-file "$API_READY" >"$DIR_ABS/hubspot-api.log" 2>&1 &
-API_PID=$!
-trap 'kill "$API_PID" 2>/dev/null || true' EXIT
-for _ in $(seq 1 50); do [[ -s "$API_READY" ]] && break; sleep 0.1; done
-[[ -s "$API_READY" ]] || die "the HubSpot-like API did not start; see $DIR_ABS/hubspot-api.log"
-echo "marketing API: $(cat "$API_READY") (pid $API_PID; stopped when this script ends)"
+source "$ROOT/scripts/demo_api.sh"
+demo_api_start "$DIR_ABS" || exit 1
+trap 'kill "$DEMO_API_PID" 2>/dev/null || true' EXIT
 
 step "2/4 Project-local Airflow"
 source "$ROOT/scripts/airflow_env.sh"

@@ -70,6 +70,11 @@ stop() {
 }
 trap stop INT TERM EXIT
 
+# A demo written by `make demo` reaches marketing through the local HubSpot-like API: serve it too.
+source "$ROOT/scripts/demo_api.sh"
+demo_api_start "$DIR_ABS" || exit 1
+[[ -z "$DEMO_API_PID" ]] || PIDS+=("$DEMO_API_PID")
+
 for component in api-server scheduler dag-processor triggerer; do
   "$BIN/airflow" "$component" >"$LOGS/$component.log" 2>&1 &
   PIDS+=($!)
