@@ -187,3 +187,31 @@ def test_the_api_demo_reads_marketing_through_the_server(tmp_path, monkeypatch):
     finally:
         if srv:
             srv.stop()
+
+
+def test_an_api_system_behind_an_airflow_connection_takes_url_and_token_from_its_uri(server, tmp_path, monkeypatch):
+    from reconcile.config import load_config, resolve_url
+    from reconcile.config.resolve import redact
+    from reconcile.connectors import connect
+
+    (tmp_path / "reconcile.yaml").write_text("""\
+version: 1
+warehouse: wh.duckdb
+systems:
+  marketing: {api: hubspot, connection: hubspot_portal, creates_identity: true}
+entities:
+  contact:
+    sources:
+      marketing: {table: contacts, key: hs_object_id, modified_at: lastmodifieddate, fields: {email: email}}
+    fields:
+      email: {owner: marketing}
+""")
+    cfg = load_config(tmp_path / "reconcile.yaml")
+    # what the DAG passes in from Connection.get(...).get_uri(), or AIRFLOW_CONN_<ID> outside Airflow
+    monkeypatch.setenv("AIRFLOW_CONN_HUBSPOT_PORTAL", with_token(server.url, TOKEN))
+    url = resolve_url(cfg, "marketing")
+    assert TOKEN not in redact(url) and redact(url) == server.url
+    conn = connect("marketing", url, cfg.systems["marketing"])
+    assert "email" in conn.columns(cfg.entities["contact"].sources["marketing"])
+    assert resolve_url(cfg, "marketing", {"marketing": "https://:other@example.invalid"}) == \
+        "https://:other@example.invalid"
