@@ -122,15 +122,21 @@ def _of_task(states: dict[str, str], task_id: str) -> dict[str, str]:
 def build_dag(cfg: Config, entity: str):
     """The DAG `reconcile_<entity>`, the same stages in the same order as `runner.run_entity` (the CLI).
 
-    begin_run -> extract[system] -> load_staging -> validate[system] -> apply_gates -> resolve_identity
+    begin_run -> extract[system] (extract_on_<queue>[system] for systems with a queue) -> load_staging -> validate[system] -> apply_gates -> resolve_identity
     -> build_golden -> guard_collisions -> plan_changes -> check_approval -> load[target] -> finish_run, and,
     only when a load waits for approval, check_approval -> approve_load -> load_approved[target] -> finish_run.
     [system] and [target] are one mapped task instance per system, named after it in the UI. Every body is one
     library call with plain values read from the task context.
     """
     systems = sorted(cfg.entities[entity].sources)
+    # Celery queues (the LocalExecutor ignores them): every task that opens the working warehouse runs on the
+    # warehouse worker's queue; extracts run on any worker, or on their system's own queue.
+    warehouse = {"queue": cfg.queues.warehouse}
+    extract_queues: dict[str | None, list[str]] = {}
+    for system in systems:
+        extract_queues.setdefault(cfg.systems[system].queue, []).append(system)
     per_system = {"map_index_template": "{{ task.op_kwargs['system'] }}"}
-    per_target = {"map_index_template": "{{ task.op_kwargs['target'] }}"}
+    per_target = {"map_index_template": "{{ task.op_kwargs['target'] }}", **warehouse}
 
     @dag(
         dag_id=f"reconcile_{entity}",
@@ -150,7 +156,7 @@ def build_dag(cfg: Config, entity: str):
         },
     )
     def reconcile_entity():
-        @task
+        @task(**warehouse)
         def begin_run() -> dict:
             from reconcile import runner
 
@@ -166,13 +172,13 @@ def build_dag(cfg: Config, entity: str):
             return runner.extract_system(cfg, entity, system, get_current_context()["run_id"],
                                          url_overrides=_connection_urls(cfg, system), progress=log.info)
 
-        @task(outlets=[table_asset(f"staging.{system}__{entity}", entity) for system in systems])
+        @task(outlets=[table_asset(f"staging.{system}__{entity}", entity) for system in systems], **warehouse)
         def load_staging() -> dict:
             from reconcile import runner
 
             return runner.load_staging(cfg, entity, get_current_context()["run_id"], progress=log.info)
 
-        @task(**per_system)
+        @task(**per_system, **warehouse)
         def validate(system: str) -> dict:
             from airflow.sdk.exceptions import AirflowFailException
             from reconcile import runner
@@ -189,7 +195,7 @@ def build_dag(cfg: Config, entity: str):
             return result
 
         # Runs after a failed gate too (all_done): gate outcomes must be recorded and writes blocked.
-        @task(trigger_rule=TriggerRule.ALL_DONE)
+        @task(trigger_rule=TriggerRule.ALL_DONE, **warehouse)
         def apply_gates() -> dict:
             from airflow.sdk.exceptions import AirflowSkipException
             from reconcile import runner
@@ -201,25 +207,25 @@ def build_dag(cfg: Config, entity: str):
                 raise AirflowSkipException(f"validation did not run ({not_run}): an earlier task failed")
             return runner.apply_gates(cfg, entity, ctx["run_id"], progress=log.info)
 
-        @task
+        @task(**warehouse)
         def resolve_identity() -> dict:
             from reconcile import runner
 
             return runner.resolve_identity(cfg, entity, get_current_context()["run_id"], progress=log.info)
 
-        @task(outlets=[table_asset(f"golden.{entity}", entity)])
+        @task(outlets=[table_asset(f"golden.{entity}", entity)], **warehouse)
         def build_golden() -> dict:
             from reconcile import runner
 
             return runner.build_golden(cfg, entity, get_current_context()["run_id"], progress=log.info)
 
-        @task
+        @task(**warehouse)
         def guard_collisions() -> dict:
             from reconcile import runner
 
             return runner.guard_collisions(cfg, entity, get_current_context()["run_id"], progress=log.info)
 
-        @task
+        @task(**warehouse)
         def plan_changes() -> dict:
             from reconcile import runner
 
@@ -227,7 +233,7 @@ def build_dag(cfg: Config, entity: str):
             return runner.plan_changes(cfg, entity, ctx["run_id"], dry_run=True if ctx["params"]["dry_run"] else None,
                                        approve=bool(ctx["params"]["approve"]), progress=log.info)
 
-        @task.branch
+        @task.branch(**warehouse)
         def check_approval() -> list[str]:
             """`load` always; `approve_load` only when a target's load waits for approval."""
             import reconcile_approval
@@ -265,6 +271,7 @@ def build_dag(cfg: Config, entity: str):
 
         approve_load = LoadApprovalOperator(
             task_id="approve_load",
+            **warehouse,  # records the answer in the warehouse
             reconcile_config=cfg,
             entity=entity,
             subject="{{ ti.xcom_pull(task_ids='check_approval', key='approval')['subject'] }}",
@@ -276,7 +283,7 @@ def build_dag(cfg: Config, entity: str):
                                       f"(Airflow: Required actions; no answer rejects them)", {"entity": entity})],
         )
 
-        @task(trigger_rule=TriggerRule.ALL_DONE)  # always runs: a failed run is recorded, then fails visibly
+        @task(trigger_rule=TriggerRule.ALL_DONE, **warehouse)  # always runs: a failed run is recorded, then fails visibly
         def finish_run() -> dict:
             from airflow.sdk.exceptions import AirflowFailException
             from reconcile import runner
@@ -313,7 +320,11 @@ def build_dag(cfg: Config, entity: str):
                 log.warning("run %s of %s ended %s: see its summary (changes, gates)", run_id, entity, status)
             return summary
 
-        planned = (begin_run() >> extract.expand(system=systems) >> load_staging() >> validate.expand(system=systems)
+        # One mapped `extract` per queue: `extract` on the default queue, `extract_on_<queue>` for systems with one.
+        extracts = [extract.override(task_id=f"extract_on_{queue}", queue=queue).expand(system=on) if queue
+                    else extract.expand(system=on)
+                    for queue, on in sorted(extract_queues.items(), key=lambda kv: kv[0] or "")]
+        planned = (begin_run() >> extracts >> load_staging() >> validate.expand(system=systems)
                    >> apply_gates() >> resolve_identity() >> build_golden() >> guard_collisions() >> plan_changes())
         branch, done = check_approval(), finish_run()
         planned >> branch >> load.expand(target=systems) >> done

@@ -9,7 +9,6 @@ same state.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sys
 import time
@@ -28,7 +27,8 @@ from .stages import plan as plan_stage
 from .stages import privacy as privacy_stage
 from .stages import identity as identity_stage
 from .stages import quality as quality_stage
-from .warehouse import open_work, publish, run_dir, safe_name
+from .runstore import RunFolder, prune
+from .warehouse import open_work, publish, safe_name
 
 Progress = Callable[[str], None]
 
@@ -53,15 +53,12 @@ def utc_naive(dt: datetime) -> datetime:
     return dt.astimezone(timezone.utc).replace(tzinfo=None) if dt.tzinfo else dt
 
 
-def _entity_dir(cfg: Config, run_id: str, entity: str) -> Path:
-    return run_dir(cfg, run_id) / entity
-
-
 def _read_manifest(cfg: Config, entity: str, run_id: str) -> dict:
-    path = _entity_dir(cfg, run_id, entity) / "manifest.json"
-    if not path.exists():
-        raise ReconcileError(f"run {run_id!r} of entity {entity!r} has not begun ({path} missing): call begin_run first")
-    return json.loads(path.read_text())
+    folder = RunFolder(cfg, run_id, entity)
+    if not folder.exists("manifest.json"):
+        raise ReconcileError(f"run {run_id!r} of entity {entity!r} has not begun ({folder.url('manifest.json')} "
+                             f"missing): call begin_run first")
+    return folder.read_json("manifest.json")
 
 
 def begin_run(cfg: Config, entity: str, run_id: str, run_at: datetime, full: bool | None = None) -> dict:
@@ -71,8 +68,7 @@ def begin_run(cfg: Config, entity: str, run_id: str, run_at: datetime, full: boo
     ensure_expressions_checked(cfg)
     cfg.entity(entity)
     run_at = utc_naive(run_at)
-    edir = _entity_dir(cfg, run_id, entity)
-    manifest_path = edir / "manifest.json"
+    folder = RunFolder(cfg, run_id, entity)
     with open_work(cfg) as con:
         status = con.execute("SELECT status FROM audit.runs WHERE run_id = ? AND entity = ?", [run_id, entity]).fetchone()
         if status and status[0] not in ("running", "failed"):
@@ -80,31 +76,29 @@ def begin_run(cfg: Config, entity: str, run_id: str, run_at: datetime, full: boo
         if status and status[0] == "failed":  # resume a failed run: finished stages are skipped (idempotent)
             con.execute("UPDATE audit.runs SET status = 'running', error = NULL WHERE run_id = ? AND entity = ?",
                         [run_id, entity])
-        if status and manifest_path.exists():  # a retried task: keep the first decision
-            return json.loads(manifest_path.read_text())
+        if status and folder.exists("manifest.json"):  # a retried task: keep the first decision
+            return folder.read_json("manifest.json")
         con.execute(
             "INSERT OR IGNORE INTO audit.runs (run_id, entity, status, run_at, started_at) VALUES (?, ?, 'running', ?, ?)",
             [run_id, entity, run_at, utc_naive(datetime.now(timezone.utc))],
         )
         systems = extract_stage.plan_extract(con, cfg, entity, run_at, full=full)
     manifest = {"run_id": run_id, "entity": entity, "run_at": run_at.isoformat(), "systems": systems}
-    edir.mkdir(parents=True, exist_ok=True)
-    tmp = manifest_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_path)
+    folder.write_json("manifest.json", manifest)
     return manifest
 
 
 def extract_system(cfg: Config, entity: str, system: str, run_id: str,
                    url_overrides: Mapping[str, str] | None = None, progress: Progress = _quiet) -> dict:
-    """Read one system's source into the run folder. Opens no warehouse file: safe to run in parallel."""
+    """Read one system's source into the run folder. Opens no warehouse file: safe to run in parallel, on any
+    worker that reaches the source and the run storage (`runs_url`)."""
     manifest = _read_manifest(cfg, entity, run_id)
     if system not in manifest["systems"]:
         raise ReconcileError(f"entity {entity!r} has no source in system {system!r}")
     url = resolve_url(cfg, system, url_overrides)
     plan = manifest["systems"][system]
     progress(f"extracting {entity} from {system} ({plan['mode']}{', since ' + plan['since'] if plan['since'] else ''})")
-    return extract_stage.extract_source(cfg, entity, system, plan, _entity_dir(cfg, run_id, entity), url, progress)
+    return extract_stage.extract_source(cfg, entity, system, plan, RunFolder(cfg, run_id, entity), url, progress)
 
 
 def load_staging(cfg: Config, entity: str, run_id: str, progress: Progress = _quiet) -> dict:
@@ -113,7 +107,7 @@ def load_staging(cfg: Config, entity: str, run_id: str, progress: Progress = _qu
     with open_work(cfg) as con:
         return extract_stage.stage_entity(
             con, cfg, entity, run_id, datetime.fromisoformat(manifest["run_at"]), manifest,
-            _entity_dir(cfg, run_id, entity), progress,
+            RunFolder(cfg, run_id, entity), progress,
         )
 
 
@@ -135,11 +129,7 @@ def validate_system(cfg: Config, entity: str, system: str, run_id: str, progress
         result = quality_stage.validate_table(con, cfg, entity, system, run_id,
                                               datetime.fromisoformat(manifest["run_at"]),
                                               docs_dir(cfg, run_id) / system)
-    out = _entity_dir(cfg, run_id, entity) / "gates"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{system}.json.tmp"
-    tmp.write_text(json.dumps(result, default=str))
-    os.replace(tmp, out / f"{system}.json")
+    RunFolder(cfg, run_id, entity).write_json(f"gates_{system}.json", result)
     result["errors"] = [r["expectation"] for r in result["results"] if not r["success"] and r["severity"] == "error"]
     result["warnings"] = [r["expectation"] for r in result["results"] if not r["success"] and r["severity"] == "warn"]
     return result
@@ -148,13 +138,12 @@ def validate_system(cfg: Config, entity: str, system: str, run_id: str, progress
 def apply_gates(cfg: Config, entity: str, run_id: str, progress: Progress = _quiet) -> dict:
     """Record every table's outcome, find cross-system collisions, decide held and blocked writes."""
     manifest = _read_manifest(cfg, entity, run_id)
-    gdir = _entity_dir(cfg, run_id, entity) / "gates"
+    folder = RunFolder(cfg, run_id, entity)
     validations = {}
     missing = []
     for system in sorted(manifest["systems"]):
-        path = gdir / f"{system}.json"
-        if path.exists():
-            validations[system] = json.loads(path.read_text())
+        if folder.exists(f"gates_{system}.json"):
+            validations[system] = folder.read_json(f"gates_{system}.json")
         else:
             missing.append(system)
     if missing:
@@ -459,7 +448,7 @@ def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", e
         )
     path = publish(cfg)
     progress(f"published {path}")
-    _prune_run_dirs(cfg)
+    prune(cfg, entity, KEEP_RUN_DIRS, run_id)
     return summary
 
 
@@ -485,18 +474,6 @@ def _sync_health_counts(con, cfg: Config, entity: str, run_id: str) -> None:
                 changes_held = (SELECT count(*) FROM audit.changes WHERE run_id = $r AND entity = $e AND target = $s
                                 AND status IN ('held', 'blocked', 'rejected'))
             WHERE run_id = $r AND entity = $e AND system = $s""", {"r": run_id, "e": entity, "s": system})
-
-
-def _prune_run_dirs(cfg: Config) -> None:
-    """Keep the newest few run folders (extracts for debugging); older ones are only disk use."""
-    import shutil
-
-    root = cfg.state_dir / "runs"
-    if not root.exists():
-        return
-    dirs = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
-    for d in dirs[KEEP_RUN_DIRS:]:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def run_entity(cfg: Config, entity: str, run_id: str | None = None, run_at: datetime | None = None,

@@ -193,3 +193,41 @@ def test_branch_reaches_approval_only_when_a_load_waits_for_it():
     assert follow({"crm": "rejected", "marketing": "ok"}) == ["load"]
     assert follow({}) == ["load"]
     assert follow({"crm": "ok", "marketing": "awaiting_approval"}) == ["load", "approve_load"]
+
+
+def test_queues(demo_config, parse_dags):
+    """Tasks that open the warehouse go to the warehouse worker's queue; extracts to any worker, or to their
+    system's queue (one mapped `extract_on_<queue>` per queue). The LocalExecutor ignores queues."""
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    default = parse_dags(demo_config).dags["reconcile_contact"]
+    default_queue = default.get_task("extract").queue
+    assert default_queue != "reconcile_warehouse"  # Airflow's [operators] default_queue
+    assert {t.task_id for t in default.tasks if t.queue == "reconcile_warehouse"} == set(default.task_ids) - {"extract"}
+
+    data = yaml.safe_load(demo_config.read_text())
+    data["queues"] = {"warehouse": "wh_disk"}
+    data["systems"]["erp"]["queue"] = "onprem"
+    config = demo_config.parent / "queues.yaml"
+    config.write_text(yaml.safe_dump(data))
+    dag = parse_dags(config).dags["reconcile_contact"]
+
+    assert {t.task_id for t in dag.tasks if t.queue == "wh_disk"} == set(dag.task_ids) - {"extract", "extract_on_onprem"}
+    onprem = dag.get_task("extract_on_onprem")
+    assert isinstance(onprem, MappedOperator) and onprem.queue == "onprem"
+    assert onprem._get_specified_expand_input().value == {"system": ["erp"]}
+    assert dag.get_task("extract")._get_specified_expand_input().value == {"system": ["crm", "marketing"]}
+    assert dag.get_task("extract").queue == default_queue
+    for task_id in ("extract", "extract_on_onprem"):
+        task = dag.get_task(task_id)
+        assert task.retries == 3 and "system" in task.map_index_template
+        assert task.upstream_task_ids == {"begin_run"} and task.downstream_task_ids == {"load_staging"}
+
+
+def test_bad_queue_name_is_a_config_error(demo_config, parse_dags):
+    data = yaml.safe_load(demo_config.read_text())
+    data["systems"]["erp"]["queue"] = "on prem!"
+    config = demo_config.parent / "bad_queue.yaml"
+    config.write_text(yaml.safe_dump(data))
+    (error,) = parse_dags(config).import_errors.values()
+    assert "queue" in error and "systems.erp" in error

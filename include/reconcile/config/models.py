@@ -6,6 +6,7 @@ which runs after these models have parsed.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+RUNS_URL_ENV = "RECONCILE_RUNS_URL"
+# A Celery queue name that is also usable in a task id (`extract_on_<queue>`).
+QUEUE_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 FIELD_TYPES = ("string", "boolean", "integer", "number", "date", "timestamp")
 SIMPLE_TRANSFORMS = ("email", "phone", "trim", "lower", "upper")
 TRANSFORM_NAMES = SIMPLE_TRANSFORMS + ("map",)
@@ -303,6 +307,9 @@ class SystemConfig(_Strict):
     unique: list[str] = Field(default_factory=list)
     phone_region: str | None = None
     description: str | None = None
+    # Celery queue of this system's extract task (e.g. a worker inside an on-premises network); unset: the
+    # executor's default queue. Ignored by the LocalExecutor.
+    queue: str | None = Field(default=None, pattern=QUEUE_RE)
     writes: WriteSettings = Field(default_factory=WriteSettings)
 
 
@@ -328,6 +335,13 @@ class LoadSettings(_Strict):
     pause_seconds: float = Field(default=0.0, ge=0)  # between batches (rate limiting a busy system)
 
 
+class QueueSettings(_Strict):
+    """`queues`: Celery queues of the DAG's tasks (ignored by the LocalExecutor; see docs/operations.md)."""
+
+    # Every task that opens the working warehouse: served by the one worker that holds the warehouse disk.
+    warehouse: str = Field(default="reconcile_warehouse", pattern=QUEUE_RE)
+
+
 class Config(_Strict):
     """A whole deployment: systems, entities, where the warehouse lives, when to run."""
 
@@ -339,6 +353,10 @@ class Config(_Strict):
     systems: dict[str, SystemConfig]
     entities: dict[str, EntityConfig]
     load: LoadSettings = Field(default_factory=LoadSettings)
+    # Where runs hand extracts over to the warehouse (Parquet, manifests): a path, or any fsspec URL
+    # (s3://bucket/prefix, gs://..., file:///shared/...) that every worker reaches. Default: the state folder.
+    runs_url: str | None = None
+    queues: QueueSettings = Field(default_factory=QueueSettings)
 
     _path: Path | None = PrivateAttr(default=None)
     _expressions_checked: bool = PrivateAttr(default=True)
@@ -370,6 +388,19 @@ class Config(_Strict):
         """`sql`, `files` or the API kind (`hubspot`, `dynamics`) of a system."""
         sc = self.systems[name]
         return sc.api or ("files" if sc.files else "sql")
+
+    @property
+    def runs_location(self) -> str:
+        """The run storage as a path or URL: `$RECONCILE_RUNS_URL` (a deployment's choice, e.g. in
+        docker-compose.yaml), else `runs_url` (a relative path resolves against the config's folder), else
+        `<state_dir>/runs`."""
+        url = os.environ.get(RUNS_URL_ENV) or self.runs_url
+        if not url:
+            return str(self.state_dir / "runs")
+        if "://" in url:
+            return url
+        p = Path(url).expanduser()
+        return str(p if p.is_absolute() else (self.base_dir / p).resolve())
 
     def entity(self, name: str) -> EntityConfig:
         try:

@@ -2,7 +2,8 @@
 
 Three steps, so parallel Airflow tasks never contend for the DuckDB file:
 1. `plan_extract` (writer): decide full or incremental per source from `audit.watermarks`;
-2. `extract_source` (any number in parallel): stream the source in batches into `<run>/<entity>/<system>.parquet`;
+2. `extract_source` (any number in parallel, on any worker): stream the source in batches into
+   `<runs>/<run>/<entity>/<system>.parquet` in the run storage (runstore.py: local, or any fsspec URL);
 3. `stage_entity` (writer, one transaction): type and transform in DuckDB, quarantine bad rows with their
    reason, merge into `staging.<system>__<entity>`, append changes to `..._history`, move watermarks.
 Re-running any step for the same run id leaves the same state (step 3 is recorded in audit.stage_runs).
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from ..config.models import Config, SourceConfig
 from ..connectors import connect
 from ..errors import ReconcileError
+from ..runstore import RunFolder
 from ..transforms import EMAIL_PATTERN, apply_steps, quote_ident as q, sql_literal
 from ..warehouse import once, staging_table
 
@@ -91,13 +92,13 @@ def plan_extract(con, cfg: Config, entity: str, run_at: datetime, full: bool | N
     return plans
 
 
-def extract_source(cfg: Config, entity: str, system: str, plan: dict, out_dir: Path, url: str,
+def extract_source(cfg: Config, entity: str, system: str, plan: dict, folder: RunFolder, url: str,
                    progress=None) -> dict:
-    """Stream one source into `<out_dir>/<system>.parquet`. Touches no warehouse file; safe in parallel."""
+    """Stream one source into `<system>.parquet` of the run folder. Touches no warehouse file; safe in parallel.
+
+    The file appears whole when the read completes (runstore): a retried task, on this worker or another,
+    replaces it; a killed one leaves nothing that staging reads."""
     source = cfg.entity(entity).sources[system]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"{system}.parquet"
-    tmp = out_dir / f".{system}.{os.getpid()}.parquet.tmp"
     columns = plan["columns"]
     schema = pa.schema([(c, pa.string()) for c in columns])
     conn = connect(system, url, cfg.systems[system])
@@ -112,18 +113,15 @@ def extract_source(cfg: Config, entity: str, system: str, plan: dict, out_dir: P
                 f"(mapped in entities.{entity}.sources.{system}); it has: {', '.join(real)}"
             )
         since = datetime.fromisoformat(plan["since"]) if plan["since"] else None
-        with pq.ParquetWriter(tmp, schema) as writer:
+        with folder.writing(f"{system}.parquet") as fh, pq.ParquetWriter(fh, schema) as writer:
             for batch in conn.read_batches(source, columns, since, plan["batch_size"]):
                 writer.write_table(batch.cast(schema))
                 rows += batch.num_rows
                 if progress:
                     progress(f"  {system}: {rows} rows read")
-        os.replace(tmp, final)  # atomic: a retried task never leaves half a file behind
     finally:
         conn.close()
-        if tmp.exists():
-            tmp.unlink()
-    return {"system": system, "rows": rows, "path": str(final), "mode": plan["mode"]}
+    return {"system": system, "rows": rows, "path": folder.url(f"{system}.parquet"), "mode": plan["mode"]}
 
 
 def _typed(expr: str, ftype: str) -> str:
@@ -138,7 +136,7 @@ def _typed(expr: str, ftype: str) -> str:
 
 
 def stage_entity(con, cfg: Config, entity: str, run_id: str, run_at: datetime, manifest: dict,
-                 parquet_dir: Path, progress=None) -> dict:
+                 folder: RunFolder, progress=None) -> dict:
     """Load every extracted source of an entity into staging, in one transaction. Returns counts per system."""
     ent = cfg.entity(entity)
 
@@ -146,10 +144,13 @@ def stage_entity(con, cfg: Config, entity: str, run_id: str, run_at: datetime, m
         results: dict[str, dict] = {}
         for system in sorted(manifest["systems"]):
             plan = manifest["systems"][system]
-            path = parquet_dir / f"{system}.parquet"
-            if not path.exists():
-                raise ReconcileError(f"extract of {system!r} for run {run_id!r} is missing ({path}); run extract first")
-            results[system] = _stage_source(con, cfg, entity, system, ent.sources[system], plan, path, run_id, run_at)
+            name = f"{system}.parquet"
+            if not folder.exists(name):
+                raise ReconcileError(f"extract of {system!r} for run {run_id!r} is missing ({folder.url(name)}); "
+                                     f"run extract first")
+            with folder.local(name) as path:
+                results[system] = _stage_source(con, cfg, entity, system, ent.sources[system], plan, path, run_id,
+                                                run_at)
             if progress:
                 r = results[system]
                 progress(f"  staged {system}: {r['staged']} rows ({r['inserted']} new, {r['updated']} changed, "

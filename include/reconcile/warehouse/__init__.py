@@ -5,7 +5,7 @@ Two files, on purpose:
 - the *published* database at the config's `warehouse:` path, which analysts open. It is replaced
   atomically (copy, then rename) when a run finishes, so an analyst holding it open keeps a consistent
   snapshot and never blocks or sees a half-finished run.
-Parallel extract tasks never open either file: they write Parquet into the run's folder.
+Parallel extract tasks never open either file: they write Parquet into the run's folder (runstore.py).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from ..errors import ReconcileError
 from ..transforms import register_functions
 from .ddl import ensure_schema
 
-__all__ = ["once", "open_work", "publish", "open_published", "run_dir", "ensure_schema", "safe_name", "staging_table"]
+__all__ = ["once", "open_work", "publish", "open_published", "ensure_schema", "safe_name", "staging_table"]
 
 LOCK_WAIT_SECONDS = 1800
 
@@ -63,10 +63,6 @@ def once(con, run_id: str, entity: str, stage: str, run_at, body) -> dict:
 def safe_name(run_id: str) -> str:
     """A run id made safe as a folder name (Airflow run ids contain ':' and '+')."""
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in run_id)
-
-
-def run_dir(cfg: Config, run_id: str) -> Path:
-    return cfg.state_dir / "runs" / safe_name(run_id)
 
 
 @contextlib.contextmanager
