@@ -63,7 +63,7 @@ def approval_request(cfg, entity: str, run_id: str, plan: Mapping[str, Any], sta
     from reconcile.warehouse import publish
 
     targets = sorted(t for t, s in states.items() if s == "awaiting_approval")
-    publish(cfg)
+    publish(cfg, entity)
     found = list_changes(cfg, run_id=run_id, entity=entity, status="planned", targets=targets, limit=sample)
     rows = [(r["target"], r["operation"], r["record_key"] or "(new)", r["field"], r["before_value"],
              r["after_value"] if r["after_value"] is not None else r["after_raw"]) for r in found["rows"]]

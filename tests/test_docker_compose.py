@@ -132,8 +132,7 @@ def test_environment(name):
                         env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
     assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://redis:6379/0"
     # Celery results in the same PostgreSQL as the metadata DB (SQLAlchemy URL behind Celery's db+ prefix).
-    assert env["AIRFLOW__CELERY__RESULT_BACKEND"] == "db+" + env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace(
-        "postgresql+psycopg2", "postgresql")
+    assert env["AIRFLOW__CELERY__RESULT_BACKEND"] == "db+" + env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
     assert env["AIRFLOW__CORE__LOAD_EXAMPLES"].lower() == "false"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/"
     # The DAG file's default (dags/../config/reconcile.yaml) and the mounted config agree.

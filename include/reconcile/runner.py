@@ -323,7 +323,7 @@ def rollback(cfg: Config, entity: str, run_id: str, target: str | None = None,
             progress(f"  rollback {t}: {res['restored']} restored, {len(res['skipped'])} skipped (edited since), "
                      f"{len(res['not_reversible'])} not reversible")
             out.append(res)
-    publish(cfg)
+    publish(cfg, entity)
     return out
 
 
@@ -446,7 +446,7 @@ def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", e
             "UPDATE audit.runs SET status = ?, finished_at = ?, error = ?, summary = ? WHERE run_id = ? AND entity = ?",
             [status, utc_naive(datetime.now(timezone.utc)), error, json.dumps(summary), run_id, entity],
         )
-    path = publish(cfg)
+    path = publish(cfg, entity)
     progress(f"published {path}")
     prune(cfg, entity, KEEP_RUN_DIRS, run_id)
     return summary

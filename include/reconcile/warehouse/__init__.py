@@ -23,7 +23,7 @@ import duckdb
 
 from ..config.models import Config
 from ..errors import ReconcileError
-from ..transforms import register_functions
+from ..transforms import register_functions, sql_literal
 from .ddl import ensure_schema
 
 __all__ = ["once", "open_work", "publish", "open_published", "ensure_schema", "safe_name", "staging_table"]
@@ -121,8 +121,12 @@ def open_work(cfg: Config, wait: float = LOCK_WAIT_SECONDS,
             con.close()
 
 
-def publish(cfg: Config, wait: float = LOCK_WAIT_SECONDS) -> Path:
-    """Copy the working database to the published path atomically. Returns the published path."""
+def publish(cfg: Config, entity: str | None = None, wait: float = LOCK_WAIT_SECONDS) -> Path:
+    """Copy the working database to the published path atomically. Returns the published path.
+
+    Several entities share one warehouse, and their runs interleave: `entity` (the one publishing) goes out
+    as it stands in the working database; every *other* entity with a run still in progress keeps the state
+    it last published itself, so an analyst never sees half of another entity's run (`_keep_published`)."""
     target = cfg.warehouse_path
     target.parent.mkdir(parents=True, exist_ok=True)
     work = cfg.state_dir / "work.duckdb"
@@ -136,8 +140,59 @@ def publish(cfg: Config, wait: float = LOCK_WAIT_SECONDS) -> Path:
             con.close()
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         shutil.copyfile(work, tmp)
+        try:
+            _keep_published(cfg, tmp, target, entity)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, target)  # atomic: readers keep the old file until they reopen
     return target
+
+
+def _entity_table_names(cfg: Config, entity: str) -> set[str]:
+    """The tables named after one entity: staging.<system>__<entity>[_history], golden.<entity>[_...]."""
+    names = {f"staging.{s}__{entity}{h}" for s in cfg.systems for h in ("", "_history")}
+    return names | {f"golden.{entity}{suffix}" for suffix in ("", "_lineage", "_conflicts")}
+
+
+def _tables(con, database: str) -> set[str]:
+    return {f"{s}.{t}" for s, t in con.execute("SELECT schema_name, table_name FROM duckdb_tables() "
+                                                "WHERE database_name = ?", [database]).fetchall()}
+
+
+def _keep_published(cfg: Config, copy: Path, previous: Path, entity: str | None) -> None:
+    """In `copy` (of the working database), put back the previously published state of every entity, other
+    than `entity`, whose run is in progress: its rows in tables with an `entity` column, its own tables."""
+    con = duckdb.connect(str(copy))
+    try:
+        running = [e for (e,) in con.execute(
+            "SELECT DISTINCT entity FROM audit.runs WHERE status = 'running' AND entity IS DISTINCT FROM ? "
+            "ORDER BY 1", [entity]).fetchall()]
+        if not running:
+            return
+        had = previous.exists()
+        if had:
+            con.execute(f"ATTACH {sql_literal(str(previous))} AS prev (READ_ONLY)")
+        by_entity = [f"{s}.{t}" for s, t in con.execute(
+            "SELECT table_schema, table_name FROM information_schema.columns WHERE table_catalog = current_database() "
+            "AND column_name = 'entity' ORDER BY 1, 2").fetchall()]
+        here = _tables(con, con.execute("SELECT current_database()").fetchone()[0])
+        old = _tables(con, "prev") if had else set()
+        for other in running:
+            for table in by_entity:
+                con.execute(f"DELETE FROM {table} WHERE entity = ?", [other])
+                if table in old:
+                    con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM prev.{table} WHERE entity = ?", [other])
+            names = _entity_table_names(cfg, other)
+            for table in sorted(here & names):
+                con.execute(f"DROP TABLE {table}")
+            for table in sorted(old & names):
+                con.execute(f"CREATE TABLE {table} AS SELECT * FROM prev.{table}")
+        if had:
+            con.execute("DETACH prev")
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
 
 
 def open_published(cfg: Config) -> duckdb.DuckDBPyConnection:
