@@ -46,9 +46,11 @@ import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from airflow.providers.common.compat.lineage.entities import Column, Table
 from airflow.sdk import Asset, Param, TriggerRule, dag, get_current_context, task
 
 from reconcile.config import Config, load_config
+from reconcile.lineage import Dataset, task_lineage
 
 # Beside this file (Airflow puts the DAG bundle's folder on sys.path); listed in .airflowignore.
 from reconcile_alerts import ReconcileAlert
@@ -97,6 +99,14 @@ def table_asset(table: str, entity: str) -> Asset:
     return Asset(name=table, uri=f"reconcile://{entity}/{table}", group="reconcile")
 
 
+def lineage_tables(datasets: list[Dataset]) -> list[Table]:
+    """Datasets as Airflow lineage tables, which the OpenLineage provider emits as its datasets (with the
+    columns as schema facet: the golden table's say where each field comes from)."""
+    return [Table(cluster=d.namespace, database=d.database, name=d.table, description=d.description,
+                  columns=[Column(name=n, data_type=t, description=desc) for n, t, desc in d.columns])
+            for d in datasets]
+
+
 def _connection_urls(cfg: Config, system: str) -> dict[str, str] | None:
     """URL of a system configured as an Airflow connection, looked up at run time (never logged)."""
     conn_id = cfg.systems[system].connection
@@ -137,6 +147,9 @@ def build_dag(cfg: Config, entity: str):
         extract_queues.setdefault(cfg.systems[system].queue, []).append(system)
     per_system = {"map_index_template": "{{ task.op_kwargs['system'] }}"}
     per_target = {"map_index_template": "{{ task.op_kwargs['target'] }}", **warehouse}
+    # OpenLineage: what each task reads and writes (systems and warehouse tables), beside the Assets.
+    lineage = {t: {"inlets": lineage_tables(io["inputs"]), "outlets": lineage_tables(io["outputs"])}
+               for t, io in task_lineage(cfg, entity).items()}
 
     @dag(
         dag_id=f"reconcile_{entity}",
@@ -165,14 +178,16 @@ def build_dag(cfg: Config, entity: str):
                                         full=True if ctx["params"]["full"] else None)
             return {system: plan["mode"] for system, plan in manifest["systems"].items()}
 
-        @task(**per_system, **EXTRACT_RETRIES)
+        @task(**per_system, **EXTRACT_RETRIES, **lineage["extract"])
         def extract(system: str) -> dict:
             from reconcile import runner
 
             return runner.extract_system(cfg, entity, system, get_current_context()["run_id"],
                                          url_overrides=_connection_urls(cfg, system), progress=log.info)
 
-        @task(outlets=[table_asset(f"staging.{system}__{entity}", entity) for system in systems], **warehouse)
+        @task(inlets=lineage["load_staging"]["inlets"], **warehouse,
+              outlets=[table_asset(f"staging.{system}__{entity}", entity) for system in systems]
+              + lineage["load_staging"]["outlets"])
         def load_staging() -> dict:
             from reconcile import runner
 
@@ -207,13 +222,14 @@ def build_dag(cfg: Config, entity: str):
                 raise AirflowSkipException(f"validation did not run ({not_run}): an earlier task failed")
             return runner.apply_gates(cfg, entity, ctx["run_id"], progress=log.info)
 
-        @task(**warehouse)
+        @task(**warehouse, **lineage["resolve_identity"])
         def resolve_identity() -> dict:
             from reconcile import runner
 
             return runner.resolve_identity(cfg, entity, get_current_context()["run_id"], progress=log.info)
 
-        @task(outlets=[table_asset(f"golden.{entity}", entity)], **warehouse)
+        @task(inlets=lineage["build_golden"]["inlets"], **warehouse,
+              outlets=[table_asset(f"golden.{entity}", entity)] + lineage["build_golden"]["outlets"])
         def build_golden() -> dict:
             from reconcile import runner
 
@@ -225,7 +241,7 @@ def build_dag(cfg: Config, entity: str):
 
             return runner.guard_collisions(cfg, entity, get_current_context()["run_id"], progress=log.info)
 
-        @task(**warehouse)
+        @task(**warehouse, **lineage["plan_changes"])
         def plan_changes() -> dict:
             from reconcile import runner
 
@@ -261,11 +277,11 @@ def build_dag(cfg: Config, entity: str):
             return runner.load_changes(cfg, entity, run_id, target, url_overrides=_connection_urls(cfg, target),
                                        progress=log.info)
 
-        @task(**per_target)
+        @task(**per_target, **lineage["load"])
         def load(target: str) -> dict:
             return load_target(target)
 
-        @task(**per_target)
+        @task(**per_target, **lineage["load"])
         def load_approved(target: str) -> dict:
             return load_target(target)
 

@@ -27,6 +27,13 @@ HEAVY_MODULES = {"duckdb", "pyarrow", "pandas", "great_expectations", "reconcile
                  "reconcile.stages", "reconcile.connectors"}
 
 
+def _assets(outlets: list) -> list:
+    """The Assets among a task's outlets (the others are lineage tables for OpenLineage)."""
+    from airflow.sdk import Asset
+
+    return [a for a in outlets if isinstance(a, Asset)]
+
+
 def test_no_import_errors(dag_bag):
     assert not dag_bag.import_errors, "\n".join(f"{f}: {e}" for f, e in dag_bag.import_errors.items())
 
@@ -82,10 +89,10 @@ def test_dag_tasks(dag_bag, demo_config, dag_id):
     assert dag.get_task("apply_gates").trigger_rule == "all_done", "gates must be recorded after a failed gate"
     assert all(t.trigger_rule == "all_success" for t in dag.tasks if t.task_id not in ALL_DONE)
 
-    outlets = dag.get_task("load_staging").outlets
+    outlets = _assets(dag.get_task("load_staging").outlets)
     assert sorted(a.name for a in outlets) == [f"staging.{s}__{entity}" for s in systems]
     assert sorted(a.uri for a in outlets) == [f"reconcile://{entity}/staging.{s}__{entity}" for s in systems]
-    assert [a.name for a in dag.get_task("build_golden").outlets] == [f"golden.{entity}"]
+    assert [a.name for a in _assets(dag.get_task("build_golden").outlets)] == [f"golden.{entity}"]
 
 
 def test_parse_time_and_no_heavy_imports(demo_config):
@@ -152,7 +159,7 @@ def test_several_entities_and_no_schedule(demo_config, parse_dags):
     assert set(bag.dag_ids) == {"reconcile_contact", "reconcile_lead"}
     for dag in bag.dags.values():
         assert dag.schedule is None  # manual runs only
-    assert {a.name for a in bag.dags["reconcile_lead"].get_task("load_staging").outlets} == {
+    assert {a.name for a in _assets(bag.dags["reconcile_lead"].get_task("load_staging").outlets)} == {
         "staging.crm__lead", "staging.marketing__lead", "staging.erp__lead"}
 
 
@@ -231,3 +238,33 @@ def test_bad_queue_name_is_a_config_error(demo_config, parse_dags):
     config.write_text(yaml.safe_dump(data))
     (error,) = parse_dags(config).import_errors.values()
     assert "queue" in error and "systems.erp" in error
+
+
+def test_openlineage_datasets(dag_bag, demo_config):
+    """Every task's inlets/outlets, as Airflow's OpenLineage provider turns them into datasets: the systems'
+    source tables in, warehouse tables out; golden columns say where each field comes from."""
+    from airflow.providers.openlineage.extractors.manager import ExtractorManager
+
+    cfg = load_config(demo_config)
+    dag = dag_bag.dags["reconcile_contact"]
+    warehouse = f"duckdb://{cfg.warehouse_path}"
+
+    def ol(objects):
+        return {(d.namespace, d.name): d for d in map(ExtractorManager.convert_to_ol_dataset, objects) if d}
+
+    sources = {("reconcile://crm", "crm.contact"), ("reconcile://marketing", "marketing.contacts"),
+               ("reconcile://erp", "erp.customer")}
+    staging = {(warehouse, f"staging.{s}__contact") for s in ("crm", "erp", "marketing")}
+    assert set(ol(dag.get_task("extract").inlets)) == sources
+    assert set(ol(dag.get_task("load_staging").inlets)) == sources
+    assert set(ol(dag.get_task("load_staging").outlets)) == staging  # the Assets have no OpenLineage scheme
+    assert set(ol(dag.get_task("build_golden").inlets)) == staging | {(warehouse, "identity.xref")}
+    golden = ol(dag.get_task("build_golden").outlets)
+    assert set(golden) == {(warehouse, "golden.contact"), (warehouse, "golden.contact_lineage")}
+    columns = {f.name: f.description for f in golden[(warehouse, "golden.contact")].facets["schema"].fields}
+    assert set(columns) == {"xid", *cfg.entities["contact"].fields}
+    email = cfg.entities["contact"].fields["email"]
+    assert columns["email"].startswith(f"owner {email.owner}; strategy {email.strategy}; from staging.")
+    assert set(ol(dag.get_task("plan_changes").outlets)) == {(warehouse, "audit.changes")}
+    assert set(ol(dag.get_task("load").inlets)) == {(warehouse, "audit.changes")}
+    assert set(ol(dag.get_task("load").outlets)) <= sources and ol(dag.get_task("load").outlets)

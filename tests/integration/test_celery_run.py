@@ -5,18 +5,20 @@ the config's `queues.warehouse`, and `general`, serving Airflow's default queue.
 files to the warehouse worker through a separate run storage folder given as a `file://` URL
 (`RECONCILE_RUNS_URL`). The test triggers `reconcile_contact` on a demo deployment through the REST API (a
 JWT from /auth/token), waits for it, and checks that the extracts ran on the general worker and everything
-else on the warehouse worker (task instances' hostnames and queues), the warehouse's state, and that a
-second run converges (nothing left to write). Everything it started is stopped, and its metadata database
-dropped, at the end.
+else on the warehouse worker (task instances' hostnames and queues) and the warehouse's state; then
+triggers contact's second run and a second entity's DAG (`reconcile_lead`, a dry run) together: both finish,
+contact converges (nothing left to write) and lead is staged in full. The OpenLineage provider's file
+transport records every task's events: they carry the systems and warehouse tables as datasets. Everything it
+started is stopped, and its metadata database dropped, at the end.
 
 Isolation on a shared machine: a metadata database of its own (`airflow_ci_<random>`), queue names of its
 own on the broker, free ports. Skipped, with the reason, when Redis or PostgreSQL is not reachable.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
-import re
 import secrets
 import signal
 import socket
@@ -29,6 +31,7 @@ from pathlib import Path
 import duckdb
 import httpx
 import pytest
+import yaml
 
 from reconcile.config import load_config
 from reconcile.demo import QUARANTINE_EXPECTED, init_demo, read_answer_key
@@ -40,7 +43,7 @@ BIN = Path(sys.executable).parent
 REDIS = ("127.0.0.1", 6379)
 POSTGRES = ("127.0.0.1", 5432)
 ADMIN_DSN = os.environ.get("RECONCILE_TEST_POSTGRES_DSN", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
-RUN_TIMEOUT = 420  # seconds for one DAG run on a loaded 2-core machine
+RUN_TIMEOUT = 900  # seconds for one DAG run on a loaded 2-core machine
 
 
 def _reachable(address: tuple[str, int]) -> bool:
@@ -142,9 +145,13 @@ def test_celery_run_spreads_tasks_over_two_workers_and_converges(metadata_db, tm
     suffix = secrets.token_hex(3)
     warehouse_queue, general_queue = f"ci_warehouse_{suffix}", f"ci_general_{suffix}"
     # No schedule: unpausing would otherwise start the latest scheduled run at once; only our triggers run.
-    text = re.sub(r"(?m)^schedule: .*$", "schedule: null", config.read_text())
-    assert "schedule: null" in text
-    config.write_text(text + f"queues:\n  warehouse: {warehouse_queue}\n")
+    # A second entity, `lead`, read from the same systems: its DAG runs at the same time as contact's second.
+    data = yaml.safe_load(config.read_text())
+    data["schedule"] = None
+    data["queues"] = {"warehouse": warehouse_queue}
+    data["entities"]["lead"] = copy.deepcopy(data["entities"]["contact"])
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    lineage_file = tmp_path / "openlineage.jsonl"
     runs = tmp_path / "shared-runs"
     # Task instances record the hostname of the worker that ran them: one name per worker process.
     (home / "ci_hostname.py").write_text("import os\n\ndef name():\n    return os.environ['CI_WORKER_NAME']\n")
@@ -175,6 +182,10 @@ def test_celery_run_spreads_tasks_over_two_workers_and_converges(metadata_db, tm
         "RECONCILE_CONFIG": str(config),
         "RECONCILE_RUNS_URL": f"file://{runs}",
         "RECONCILE_ALERT_FILE": str(tmp_path / "alerts.jsonl"),
+        # OpenLineage events of every task, through the provider's file transport.
+        "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps({"type": "file", "log_file_path": str(lineage_file),
+                                                       "append": True}),
+        "AIRFLOW__OPENLINEAGE__NAMESPACE": "reconcile_ci",
     }
     migrate = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True,
                              timeout=600)
@@ -196,24 +207,27 @@ def test_celery_run_spreads_tasks_over_two_workers_and_converges(metadata_db, tm
         token = _wait("the API server", lambda: _quietly(
             lambda: client.get("/auth/token").raise_for_status().json()["access_token"]), cluster, 240)
         client.headers["Authorization"] = f"Bearer {token}"
-        _wait("reconcile_contact to be parsed", lambda: _quietly(
-            lambda: client.get("/api/v2/dags/reconcile_contact").status_code == 200), cluster, 240)
-        client.patch("/api/v2/dags/reconcile_contact", json={"is_paused": False}).raise_for_status()
+        for dag_id in ("reconcile_contact", "reconcile_lead"):
+            _wait(f"{dag_id} to be parsed", lambda: _quietly(
+                lambda: client.get(f"/api/v2/dags/{dag_id}").status_code == 200), cluster, 240)
+            client.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
 
-        def run_dag() -> tuple[str, list[dict]]:
-            run = client.post("/api/v2/dags/reconcile_contact/dagRuns", json={"logical_date": None})
-            run.raise_for_status()
-            run_id = run.json()["dag_run_id"]
-            state = _wait(f"run {run_id}", lambda: _quietly(lambda: (lambda s: s if s in ("success", "failed")
-                          else None)(client.get(f"/api/v2/dags/reconcile_contact/dagRuns/{run_id}").json()["state"])),
+        def trigger(dag_id: str, conf: dict | None = None) -> str:
+            run = client.post(f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}})
+            return run.raise_for_status().json()["dag_run_id"]
+
+        def finished(dag_id: str, run_id: str) -> list[dict]:
+            state = _wait(f"{dag_id} run {run_id}", lambda: _quietly(lambda: (lambda s: s if s in ("success", "failed")
+                          else None)(client.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").json()["state"])),
                           cluster, RUN_TIMEOUT, every=5)
-            tis = client.get(f"/api/v2/dags/reconcile_contact/dagRuns/{run_id}/taskInstances",
+            tis = client.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances",
                              params={"limit": 100}).raise_for_status().json()["task_instances"]
             assert state == "success", (state, {(t["task_id"], t["map_index"]): t["state"] for t in tis},
                                         cluster.tails())
-            return run_id, tis
+            return tis
 
-        first_id, tis = run_dag()
+        first_id = trigger("reconcile_contact")
+        tis = finished("reconcile_contact", first_id)
 
         ran = [t for t in tis if t["state"] == "success"]
         where = {(t["task_id"], t["map_index"]): (t["hostname"], t["queue"]) for t in ran}
@@ -243,15 +257,44 @@ def test_celery_run_spreads_tasks_over_two_workers_and_converges(metadata_db, tm
         assert sum(c["applied"] for c in first["changes"].values()) > 0
         assert all(c["failed"] == 0 for c in first["changes"].values())
 
-        second_id, _ = run_dag()
+        # Two entity DAGs at once: contact's second run and lead's first (a dry run: lead reads the same
+        # systems and must not write into them), sharing the one warehouse worker.
+        second_id = trigger("reconcile_contact")
+        lead_id = trigger("reconcile_lead", {"dry_run": True})
+        finished("reconcile_contact", second_id)
+        finished("reconcile_lead", lead_id)
         con = duckdb.connect(str(cfg.warehouse_path), read_only=True)
-        second = json.loads(con.execute("SELECT summary FROM audit.runs WHERE run_id = ?", [second_id]).fetchone()[0])
-        runs_recorded = con.execute("SELECT count(*) FROM audit.runs WHERE entity = 'contact'").fetchone()[0]
+        runs_recorded = con.execute("SELECT entity, run_id, status FROM audit.runs ORDER BY 1, 2").fetchall()
+        second = json.loads(con.execute("SELECT summary FROM audit.runs WHERE run_id = ? AND entity = 'contact'",
+                                        [second_id]).fetchone()[0])
+        for system in ("crm", "erp", "marketing"):
+            staged = con.execute(f"SELECT count(*) FROM staging.{system}__lead").fetchone()[0]
+            assert staged == records[system] - QUARANTINE_EXPECTED[system], system
+        written_by_lead = con.execute("SELECT count(*) FROM audit.changes WHERE entity = 'lead' "
+                                      "AND status NOT IN ('dry_run', 'held', 'blocked')").fetchone()[0]
         con.close()
-        assert runs_recorded == 2
+        assert sorted((e, r) for e, r, _ in runs_recorded) == sorted(
+            [("contact", first_id), ("contact", second_id), ("lead", lead_id)])
+        assert dict(((e, r), s) for e, r, s in runs_recorded)[("lead", lead_id)] == "dry_run"
+        assert written_by_lead == 0
         # Converged: nothing left to write on the second night (held changes stay held, not re-applied).
         assert sum(c["applied"] for c in second.get("changes", {}).values()) == 0
         assert sum(c["planned"] - c["held"] for c in second.get("changes", {}).values()) == 0
+
+        # OpenLineage: every task's events carry its datasets; golden columns say where each field comes from.
+        events = [json.loads(line) for line in lineage_file.read_text().splitlines()]
+        complete = {e["job"]["name"]: e for e in events if e["eventType"] == "COMPLETE"}
+        warehouse = f"duckdb://{cfg.warehouse_path}"
+        golden = complete["reconcile_contact.build_golden"]
+        assert {(d["namespace"], d["name"]) for d in golden["inputs"]} == {
+            (warehouse, f"staging.{s}__contact") for s in ("crm", "erp", "marketing")} | {(warehouse, "identity.xref")}
+        (out,) = [d for d in golden["outputs"] if d["name"] == "golden.contact"]
+        assert out["namespace"] == warehouse
+        fields = {f["name"]: f.get("description") for f in out["facets"]["schema"]["fields"]}
+        assert fields["email"].startswith("owner crm; strategy owner; from staging.crm__contact.email")
+        extract = complete["reconcile_contact.extract"]
+        assert {("reconcile://crm", "crm.contact"), ("reconcile://erp", "erp.customer")} <= {
+            (d["namespace"], d["name"]) for d in extract["inputs"]}
     finally:
         cluster.stop()
         import redis
