@@ -1,7 +1,11 @@
 """`make bench`: time every stage of a night on a generated demo of N people (default 20,000).
 
-Usage: python scripts/bench.py [--people N] [--seed S] [--keep DIR]
+Usage: python scripts/bench.py [--people N] [--seed S] [--keep DIR] [--identity]
 Prints one line per stage (seconds, rows) and a total; numbers go in PRs that touch performance.
+With --identity (`make bench BENCH_ARGS="--identity --people 100000"`): identity resolution only, measured
+against the demo's answer key (pairwise precision and recall of automatic links, review items as a share
+of records, resolve_identity seconds and peak memory, pairs scored on a second night with 1% of records
+changed) and, on the same staged records, Splink's own default model (figures in docs/identity.md).
 Speed is measured here, never asserted in tests.
 """
 from __future__ import annotations
@@ -24,8 +28,16 @@ def main() -> None:
     ap.add_argument("--people", type=int, default=20_000)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--keep", help="generate into this folder and keep it (default: a temp folder)")
+    ap.add_argument("--identity", action="store_true", help="identity quality and cost, with Splink's default model")
     args = ap.parse_args()
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="reconcile-bench-"))
+    if args.identity:
+        try:
+            identity_bench(root, args.people, args.seed)
+        finally:
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+        return
     timings: list[tuple[str, float, str]] = []
 
     def timed(name: str, fn, *a, **kw):
@@ -74,6 +86,136 @@ def _rows(out) -> str:
         if "applied" in out:
             return f"applied={out['applied']}"
     return ""
+
+
+# -- identity ---------------------------------------------------------------------------------------------
+
+PAIRS_SQL = """
+    WITH ak AS (SELECT a.* FROM read_csv('{key}', all_varchar = true) a SEMI JOIN recs r USING (system, record_key)),
+         l AS (SELECT c.cluster, c.system, c.record_key, ak.person_id FROM ({clusters}) c JOIN ak USING (system, record_key)),
+         linked AS (SELECT a.person_id = b.person_id AS same FROM l a JOIN l b
+                    ON a.cluster = b.cluster AND (a.system, a.record_key) < (b.system, b.record_key)),
+         truth AS (SELECT count(*) AS n FROM ak a JOIN ak b
+                   ON a.person_id = b.person_id AND (a.system, a.record_key) < (b.system, b.record_key))
+    SELECT count(*) FILTER (WHERE same), count(*) FILTER (WHERE NOT same), (SELECT n FROM truth) FROM linked
+"""
+
+
+def _precision_recall(con, key: Path, clusters_sql: str) -> tuple[float, float, int]:
+    true, false, all_pairs = con.execute(PAIRS_SQL.format(key=key, clusters=clusters_sql)).fetchone()
+    return (true / (true + false) if true + false else 1.0), (true / all_pairs if all_pairs else 1.0), false
+
+
+def identity_bench(root: Path, people: int, seed: int) -> None:
+    import resource
+
+    import duckdb
+
+    from reconcile.warehouse import open_work
+
+    init_demo(root, people=people, seed=seed, force=True)
+    cfg = load_config(root / "reconcile.yaml")
+    key = root / "answer_key.csv"
+
+    def stage_to_identity(run_id: str, run_at: datetime) -> tuple[dict, float]:
+        manifest = runner.begin_run(cfg, "contact", run_id, run_at)
+        for s in sorted(manifest["systems"]):
+            runner.extract_system(cfg, "contact", s, run_id)
+        runner.load_staging(cfg, "contact", run_id)
+        for s in sorted(manifest["systems"]):
+            runner.validate_system(cfg, "contact", s, run_id)
+        runner.apply_gates(cfg, "contact", run_id)
+        t0 = time.perf_counter()
+        result = runner.resolve_identity(cfg, "contact", run_id)
+        return result, time.perf_counter() - t0
+
+    result, seconds = stage_to_identity("bench1", datetime(2026, 2, 2))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open_work(cfg) as con:
+        con.execute("CREATE OR REPLACE TEMP TABLE recs AS " + " UNION ALL ".join(
+            f"SELECT '{s}' AS system, CAST(_record_key AS VARCHAR) AS record_key FROM staging.{s}__contact"
+            for s in ("crm", "marketing", "erp")))
+        records = con.execute("SELECT count(*) FROM recs").fetchone()[0]
+        p, r, false = _precision_recall(con, key, "SELECT xid AS cluster, system, record_key FROM identity.xref "
+                                                  "WHERE entity = 'contact'")
+        open_items = con.execute("SELECT count(*) FROM review.items WHERE status = 'open' AND kind IN "
+                                 "('candidate', 'orphan', 'duplicate', 'conflict')").fetchone()[0]
+        staged = {s: con.execute(f"SELECT * FROM staging.{s}__contact").to_arrow_table()
+                  for s in ("crm", "marketing", "erp")}
+    print(f"identity, {people} people, {records} records (night 1)")
+    print(f"  reconcile  precision {p:.5f}  recall {r:.4f}  wrong pairs {false}  review items {open_items} "
+          f"({open_items / records:.2%} of records)  resolve_identity {seconds:.1f} s  peak RSS {peak_mb:.0f} MB")
+    print(f"             {json.dumps({k: result[k] for k in ('auto_links', 'review_band', 'minted', 'pairs_scored')})}")
+
+    # Night 2: 1% of CRM contacts renamed, 0.5% new marketing sign-ups: only those are scored.
+    import sqlite3
+
+    crm = sqlite3.connect(root / "systems" / "crm.db")
+    with crm:
+        crm.execute("UPDATE contact SET lastname = lastname || 'x', modifiedon = '2026-01-15 10:00:00' "
+                    "WHERE rowid % 100 = 0")
+    crm.close()
+    result2, seconds2 = stage_to_identity("bench2", datetime(2026, 2, 3))
+    print(f"  night 2 (1% of CRM contacts changed): resolve_identity {seconds2:.1f} s, "
+          f"pairs scored {result2['pairs_scored']} (night 1: {result['pairs_scored']})")
+
+    t0 = time.perf_counter()
+    clusters = _splink_default(staged)
+    splink_seconds = time.perf_counter() - t0
+    scon = duckdb.connect()
+    scon.register("recs_arrow", con_recs := _recs_table(staged))
+    scon.execute("CREATE TABLE recs AS SELECT * FROM recs_arrow")
+    scon.register("clusters", clusters)
+    sp, sr, sfalse = _precision_recall(scon, key, "SELECT cluster, system, record_key FROM clusters")
+    print(f"  splink     precision {sp:.5f}  recall {sr:.4f}  wrong pairs {sfalse}  training + prediction + "
+          f"clustering {splink_seconds:.1f} s (default model, threshold 0.999; {con_recs.num_rows} records)")
+
+
+def _recs_table(staged: dict):
+    import pyarrow as pa
+
+    return pa.concat_tables([pa.table({"system": [s] * t.num_rows,
+                                       "record_key": t.column("_record_key").cast(pa.string())})
+                             for s, t in staged.items()])
+
+
+def _splink_default(staged: dict):
+    """Splink 5 as a new user would set it up: one table per system, link_only, the usual comparisons."""
+    import logging
+
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import splink.comparison_library as cl
+    from splink import DuckDBAPI, Linker, SettingsCreator, block_on
+
+    con = duckdb.connect()
+    db = DuckDBAPI(connection=con)
+    frames = []
+    for s, t in staged.items():
+        cols = {"unique_id": t.column("_record_key").cast(pa.string())}
+        for f in ("email", "first_name", "last_name", "phone", "company"):
+            col = t.column(f).cast(pa.string()) if f in t.column_names else pa.nulls(t.num_rows, pa.string())
+            cols[f] = pc.utf8_lower(col)
+        frames.append(db.register(pa.table(cols), dataset_display_name=s))
+    settings = SettingsCreator(
+        link_type="link_only",
+        comparisons=[cl.EmailComparison("email"), cl.NameComparison("first_name"), cl.NameComparison("last_name"),
+                     cl.ExactMatch("phone").configure(term_frequency_adjustments=True),
+                     cl.JaroWinklerAtThresholds("company")],
+        blocking_rules_to_generate_predictions=[block_on("email"), block_on("phone"),
+                                                block_on("first_name", "last_name"), block_on("last_name", "company")],
+        retain_intermediate_calculation_columns=False, retain_matching_columns=False)
+    linker = Linker(frames, settings, log_level=logging.ERROR)
+    linker.training.estimate_probability_two_random_records_match([block_on("email")], recall=0.7)
+    linker.training.estimate_u_using_random_sampling(max_pairs=2e6, seed=1)
+    linker.training.estimate_parameters_using_expectation_maximisation(block_on("email"))
+    linker.training.estimate_parameters_using_expectation_maximisation(block_on("first_name", "last_name"))
+    pred = linker.inference.predict(threshold_match_probability=0.5)
+    clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(pred, 0.999)
+    rel = clusters.as_duckdbpyrelation()
+    return rel.select("cluster_id AS cluster, source_dataset AS system, CAST(unique_id AS VARCHAR) AS record_key") \
+        .to_arrow_table()
 
 
 if __name__ == "__main__":

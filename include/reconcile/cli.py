@@ -290,6 +290,14 @@ def _check_config(args) -> int:
         return runner.EXIT_USAGE
     print(f"{path}: ok ({len(cfg.systems)} systems, {len(cfg.entities)} entities, {n_sources} sources"
           f"{', all reachable' if args.connect else ''})")
+    from .stages.identity_model import describe
+
+    for entity in sorted(cfg.entities):
+        lines, warnings = describe(cfg, entity)
+        for line in lines:
+            print(f"  {line}")
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
     return 0
 
 
@@ -371,7 +379,8 @@ def _print_summary(s: dict) -> None:
         print(f"  gates: {g['passed']} passed, {g['warned']} warned, {g['failed']} failed; held {g.get('held') or 'none'}")
     if "identity" in s:
         i = s["identity"]
-        print(f"  identity: {i['linked']} links, {i['new_xids']} new xids, {i['review']} open review items")
+        print(f"  identity: {i['linked']} links ({i.get('auto_links', 0)} by the match model), "
+              f"{i['new_xids']} new xids, {i['review']} open review items")
     if "golden" in s:
         print(f"  golden: {s['golden'].get('records')} records, {s['golden'].get('changed')} changed")
     for target, c in sorted(s.get("changes", {}).items()):
@@ -416,7 +425,8 @@ def _review(args) -> int:
             print("no review items match")
         else:
             for i in items:
-                print(f"{i['item_id']:<22} {i['kind']:<10} {i['status']:<8} {i['title']}")
+                priority = "" if i["priority"] is None else f"{i['priority']:.3f}"
+                print(f"{i['item_id']:<22} {i['kind']:<10} {i['status']:<8} {priority:>5}  {i['title']}")
             if found["total"] > len(items):
                 print(f"... {found['total'] - len(items)} more (--limit)")
         return 0
@@ -708,6 +718,10 @@ def _print_person(p: dict) -> None:
               f"in run {r['run_id']}; {where}")
         if r["values"]:
             print("      " + "  ".join(f"{k}={_show(v)}" for k, v in r["values"].items()))
+        ev = r.get("evidence")
+        if ev:
+            weights = "  ".join(f"{k} {v['weight']:+.1f}" for k, v in ev.items() if not k.startswith("_"))
+            print(f"      why: probability {ev['_probability']:.6f} against {ev['_with']}; weights {weights}")
     print("  golden:" if p["in_golden"] else "  golden: no current row (history below)")
     for field, g in p["golden"].items():
         if p["in_golden"]:

@@ -19,20 +19,26 @@ ACTIONS = ("link", "split", "merge", "distinct", "ignore")
 
 def list_items(cfg: Config, kind: str | None = None, status: str | None = "open", entity: str | None = None,
                limit: int = 50) -> list[dict]:
-    sql = "SELECT item_id, entity, kind, system, status, title, last_seen_run FROM review.items WHERE TRUE"
+    """Review items, highest priority first (details.priority: the match probability for candidates, 1 for
+    conflicts and collisions, 0.9 for shared mailboxes, ...; docs/identity.md#the-review-queue), then kind
+    and id."""
+    sql = ("SELECT item_id, entity, kind, system, status, title, last_seen_run, "
+           # a collision holds writes back: as urgent as a conflict
+           "coalesce(TRY_CAST(details->>'priority' AS DOUBLE), CASE WHEN kind = 'collision' THEN 1.0 END) AS priority "
+           "FROM review.items WHERE TRUE")
     params: list = []
     for col, val in (("kind", kind), ("status", status), ("entity", entity)):
         if val:
             sql += f" AND {col} = ?"
             params.append(val)
-    sql += " ORDER BY kind, system, item_id LIMIT ?"
+    sql += " ORDER BY priority DESC NULLS LAST, kind, system, item_id LIMIT ?"
     params.append(limit)
     con = open_published(cfg)
     try:
         rows = con.execute(sql, params).fetchall()
     finally:
         con.close()
-    keys = ("item_id", "entity", "kind", "system", "status", "title", "last_seen_run")
+    keys = ("item_id", "entity", "kind", "system", "status", "title", "last_seen_run", "priority")
     return [dict(zip(keys, r)) for r in rows]
 
 

@@ -99,7 +99,8 @@ def link(cfg, *links: tuple[str, str, str], status: str = "active") -> None:
         for xid, system, key in links:
             con.execute("INSERT OR IGNORE INTO identity.xids VALUES (?, 'contact', ?, NULL, 'r0', ?, ?)",
                         [xid, status, T1, f"{system}:{key}"])
-            con.execute("INSERT OR REPLACE INTO identity.xref VALUES (?, 'contact', ?, ?, 'test', 1.0, 'r0', ?)",
+            con.execute("INSERT OR REPLACE INTO identity.xref (xid, entity, system, record_key, rule, confidence, run_id, "
+                        "linked_at) VALUES (?, 'contact', ?, ?, 'test', 1.0, 'r0', ?)",
                         [xid, system, key, T1])
 
 

@@ -230,9 +230,11 @@ class GateSettings(GateOverrides):
 class MatchRule(_Strict):
     """One identity-matching rule, tried in list order after stored IDs.
 
-    exact: normalised values of every field equal; links only one-to-one matches.
-    probabilistic: pairs sharing a `block_on` value are scored (Jaro-Winkler per field, `exact` fields by
-    equality); scored pairs go to review; an automatic link only at or above an explicit `link_threshold`.
+    exact: normalised values of every field equal; links only one-to-one matches whose names do not
+    contradict them (docs/identity.md#the-shared-mailbox-guard).
+    probabilistic: the fields are compared by the entity's Fellegi-Sunter model (docs/identity.md); pairs
+    sharing a `block_on` value are scored. Thresholds are match probabilities; unset, the entity's
+    `identity.link_threshold` / `identity.review_threshold` apply.
     """
 
     name: str
@@ -241,14 +243,18 @@ class MatchRule(_Strict):
     exact: list[str] = Field(default_factory=list)
     # Candidate pairs share the normalised value of one entry: a field, or a list of fields (a composite key).
     block_on: list[str | list[str]] = Field(default_factory=list)
-    review_threshold: float = Field(default=0.85, ge=0, le=1)
+    review_threshold: float | None = Field(default=None, ge=0, le=1)
     link_threshold: float | None = Field(default=None, ge=0, le=1)
 
 
 class IdentitySettings(_Strict):
-    """How records that match no one are handled."""
+    """`entities.<e>.identity`: the three bands of the match model, and records that match no one."""
 
-    orphans: Literal["review", "create"] = "review"  # records of systems that may not create identities
+    # Records of systems that may not create identities and have no candidate: their own xid, or review.
+    orphans: Literal["review", "create"] = "create"
+    link_threshold: float = Field(default=0.999, gt=0, le=1)    # match probability that links automatically
+    review_threshold: float = Field(default=0.9, gt=0, le=1)    # at or above (below link): a candidate item
+    retrain_every: int = Field(default=30, ge=1)                # runs a trained model is reused for
 
 
 class EntityConfig(_Strict):

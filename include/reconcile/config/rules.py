@@ -306,8 +306,13 @@ def _check_match(entity, ename: str, base: tuple) -> list[Issue]:
             issues.append((rpath + ("block_on",), "a probabilistic rule needs block_on fields (so cost grows linearly)"))
         if rule.type == "exact" and (rule.block_on or rule.link_threshold is not None):
             issues.append((rpath, "block_on and link_threshold apply to probabilistic rules only"))
-        if rule.link_threshold is not None and rule.link_threshold < rule.review_threshold:
+        if rule.type == "exact" and rule.review_threshold is not None:
+            issues.append((rpath, "review_threshold applies to probabilistic rules only"))
+        review = rule.review_threshold if rule.review_threshold is not None else entity.identity.review_threshold
+        if rule.link_threshold is not None and rule.link_threshold < review:
             issues.append((rpath + ("link_threshold",), "must be at least review_threshold"))
+    if entity.identity.link_threshold < entity.identity.review_threshold:
+        issues.append((base + ("identity", "link_threshold"), "must be at least review_threshold"))
     for sname, source in entity.sources.items():
         for target, column in source.external_ids.items():
             if target not in entity.sources or target == sname:

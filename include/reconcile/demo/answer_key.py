@@ -26,6 +26,12 @@ SITUATIONS: dict[str, tuple[str, ...]] = {
     "inactive": ("P000008",),                  # Jürgen Köhler, statecode 1 and is_inactive 'T'
     "opt_outs": ("P000009", "P000010", "P000011"),  # one per hs_email_optout_source
     "quarantined": ("P000012", "P000013", "P000014"),  # one bad row per system
+    # Hard cases for identity resolution (docs/identity.md):
+    "shared_mailbox_one_in_crm": ("P000015", "P000016"),  # Grace Okafor (CRM) and Liam Walsh (marketing only)
+    "nickname": ("P000017",),                  # William Turner in CRM, "Bill" in marketing and ERP
+    "swapped_names": ("P000018",),             # Mei Chen; the ERP has first and last name swapped
+    "changed_email_and_company": ("P000019",),  # Rafael Ortiz moved jobs; marketing holds the old email
+    "common_name": ("P000020",),               # a second Anna Berg (ERP only): another person
 }
 
 SYSTEMS = ("crm", "marketing", "erp")

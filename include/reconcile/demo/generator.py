@@ -43,6 +43,12 @@ _P_WEBINAR_SAME_DAY = 0.02
 _P_ERP_TYPO = 0.02
 _P_SHARED_MAILBOX = 0.01
 _P_UK = 0.03
+# Hard cases for identity resolution among random people.
+_P_SHARED_ONE_IN_CRM = 0.04    # of CRM-only people: a colleague signs up in marketing with their shared mailbox
+_P_NICKNAME = 0.03             # marketing holds a nickname (when the first name has one)
+_P_SWAPPED = 0.004             # ERP holds first and last name swapped
+_P_CHANGED_EMAIL = 0.01        # marketing holds an older email (and company) of a CRM person, no CRM id
+_P_COMMON_NAME = 0.02          # a random person gets one of a few very common full names
 
 _DAY = 86400
 _SPECIAL_COUNT = len({pid for pids in SITUATIONS.values() for pid in pids})
@@ -218,13 +224,15 @@ entities:
         update: {max_share: 0.5}             # updates 10%) and approves big first loads by hand
     match:                                   # identity rules, tried in order after stored IDs
       - name: email
-        fields: [email]                      # exact, one-to-one only
+        fields: [email]                      # exact, one-to-one, never when the names contradict it
       - name: name_company_phone
-        type: probabilistic                  # scored candidates go to review; no automatic link
+        type: probabilistic                  # Fellegi-Sunter model trained on the data (docs/identity.md)
         fields: [first_name, last_name, company, phone]
         exact: [phone]
-        block_on: [phone, [last_name, company], [first_name, company]]   # exact on one key
-        review_threshold: 0.85
+        block_on: [phone, [first_name, last_name], [last_name, company], [first_name, company]]
+    identity:
+      link_threshold: 0.999                  # match probability that links automatically
+      review_threshold: 0.9                  # from here to link_threshold: a candidate item for people
 """
 
 
@@ -428,7 +436,8 @@ class _Builder:
         self.mkt.append((created, len(self.mkt), row, p.pid))
 
     def erp_row(self, p: _Person, *, created: datetime | None = None, modified: datetime | str | None = None,
-                email=_AUTO, phone=_AUTO, inactive: bool | None = None, last: str | None = None) -> None:
+                email=_AUTO, phone=_AUTO, inactive: bool | None = None, last: str | None = None,
+                first: str | None = None, company=_AUTO) -> None:
         """An ERP customer; `modified` may be a raw string to plant an unparseable value."""
         rng = self.rng
         created = created or self.after(p.born, 7, 300)
@@ -441,7 +450,8 @@ class _Builder:
                 email = p.email if rng.random() < 0.75 else _title_email(p.email)
         if phone is _AUTO:
             phone = self.phone_for("erp", p) if rng.random() < 0.95 else None
-        company = p.company[0] if p.company else None
+        if company is _AUTO:
+            company = p.company[0] if p.company else None
         if inactive is None:
             inactive = rng.random() < 0.06
         street = f"{rng.randrange(1, 9999)} {rng.choice(names.STREETS)}"
@@ -451,7 +461,7 @@ class _Builder:
             city, postcode, country = p.city[0], f"{p.city[2]}{rng.randrange(100):02d}", "US"
         terms = rng.choice(("Net 15", "Net 30", "Net 30", "Net 45", "Net 60", "Due on receipt"))
         limit = rng.choice((0, 1000, 2500, 5000, 10000, 25000, 50000))
-        row = (p.first, last or p.last, email, phone, company, street, city, postcode, country, terms, limit,
+        row = (first or p.first, last or p.last, email, phone, company, street, city, postcode, country, terms, limit,
                "T" if inactive else "F", _erp_ts(created), modified)
         self.erp.append((created, len(self.erp), row, p.pid))
 
@@ -583,6 +593,50 @@ def _special_people(b: _Builder) -> None:
     b.erp_row(p, created=day(250, 10), modified="31/02/2026 25:61", email="henrik.larsen@fjord-outfitters.example.com",
               phone="(503) 555 0114", inactive=False)
 
+    # Hard cases for identity resolution.
+    # A shared mailbox where only one of the two people is in the CRM: Liam reads Grace's studio inbox and
+    # signed up for the newsletter with it. Same email, different first and last name: not one person.
+    yoga = ("Harbor Yoga", "harbor-yoga.example.com")
+    sea = ("Seattle", "WA", "981", ("206",))
+    grace = person("P000015", "Grace", "Okafor", "info@harbor-yoga.example.com", yoga,
+                   _Phone("US", ("206", "555", "0115")), sea, day(380))
+    liam = person("P000016", "Liam", "Walsh", "info@harbor-yoga.example.com", yoga,
+                  _Phone("US", ("206", "555", "0116")), sea, day(120))
+    b.crm_row(grace, created=day(380, 10), modified=day(60, 10), email="info@harbor-yoga.example.com",
+              phone="(206) 555-0115", stage="Customer", statecode=0)
+    b.mkt_row(liam, created=day(120, 18), modified=day(30, 9), phone=None, lifecycle="subscriber", guid=None,
+              optout_source="", company="Harbor Yoga", first="Liam", last="Walsh")
+    # A nickname: William in the CRM, Bill in marketing (same email) and in the ERP (same phone, no email).
+    p = person("P000017", "William", "Turner", "william.turner@contoso-freight.example.com",
+               ("Contoso Freight", "contoso-freight.example.com"), _Phone("US", ("713", "555", "0117")),
+               ("Houston", "TX", "770", ("713",)), day(540))
+    b.crm_row(p, created=day(540, 9), modified=day(80, 9), email="william.turner@contoso-freight.example.com",
+              phone="+1 713-555-0117", stage="Customer", statecode=0)
+    b.mkt_row(p, created=day(539, 12), modified=day(35, 12), phone=None, lifecycle="customer", guid=None,
+              optout_source="", company="Contoso Freight", first="Bill", last="Turner")
+    b.erp_row(p, created=day(500, 10), modified=day(90, 10), email=None, phone="(713) 555 0117", first="Bill",
+              inactive=False)
+    # First and last name swapped in the ERP (an import that mixed up the columns); no email there.
+    p = person("P000018", "Mei", "Chen", "mei.chen@fabrikam.example.com", ("Fabrikam", "fabrikam.example.com"),
+               _Phone("US", ("408", "555", "0118")), ("San Jose", "CA", "951", ("408",)), day(610))
+    b.crm_row(p, created=day(610, 9), modified=day(70, 9), email="mei.chen@fabrikam.example.com",
+              phone="(408) 555-0118", stage="Customer", statecode=0)
+    b.erp_row(p, created=day(600, 9), modified=day(75, 9), email=None, phone="(408) 555 0118", first="Chen",
+              last="Mei", inactive=False)
+    # Changed job: the CRM holds the new company and email, marketing the old ones (no CRM id stored).
+    p = person("P000019", "Rafael", "Ortiz", "rafael.ortiz@tailspin-toys.example.com",
+               ("Tailspin Toys", "tailspin-toys.example.com"), _Phone("US", ("305", "555", "0119")),
+               ("Miami", "FL", "331", ("305",)), day(900))
+    b.crm_row(p, created=day(900, 9), modified=day(20, 9), email="rafael.ortiz@tailspin-toys.example.com",
+              phone="(305) 555-0119", stage="Prospect", statecode=0)
+    b.mkt_row(p, created=day(899, 10), modified=day(300, 10), email="rortiz@adventure-works.example.com",
+              phone="3055550119", lifecycle="lead", guid=None, optout_source="", company="Adventure Works",
+              first="Rafael", last="Ortiz")
+    # A common name: another Anna Berg, an ERP-only customer elsewhere. Sharing a name is not being one.
+    p = person("P000020", "Anna", "Berg", None, ("Blue Yonder Airlines", "blue-yonder.example.com"),
+               _Phone("US", ("702", "555", "0120")), ("Las Vegas", "NV", "891", ("702",)), day(300))
+    b.erp_row(p, created=day(300, 9), modified=day(40, 9), email=None, phone="(702) 555 0120", inactive=False)
+
 
 def _random_people(b: _Builder, start: int, people: int) -> None:
     rng = b.rng
@@ -605,6 +659,17 @@ def _random_people(b: _Builder, start: int, people: int) -> None:
             b.crm_row(partner, stage="Lead")
             continue
         p = b.new_person(pid, has_email=cat != "crm" or rng.random() < 0.95)
+        if rng.random() < _P_COMMON_NAME:
+            p.first, p.last = rng.choice(names.COMMON_NAMES)
+        if cat == "crm" and p.company and n <= people and rng.random() < _P_SHARED_ONE_IN_CRM:
+            # A shared mailbox with one person in the CRM and a colleague in marketing only.
+            p.email = b.unique_email("info", p.company[1])
+            colleague = b.new_person(f"P{n:06d}", has_email=False)
+            colleague.email, colleague.company = p.email, p.company
+            n += 1
+            b.crm_row(p, stage=rng.choice(("Lead", "Prospect", "Customer")))
+            b.mkt_row(colleague, lifecycle="subscriber", guid=None)
+            continue
         if cat == "mkt":
             b.mkt_row(p, lifecycle=rng.choice(("subscriber", "subscriber", "subscriber", "lead")))
             continue
@@ -630,11 +695,22 @@ def _random_people(b: _Builder, start: int, people: int) -> None:
                 lifecycle = "customer" if rng.random() < 0.8 else "marketingqualifiedlead"
             else:
                 lifecycle = "lead" if stage == "Lead" else "marketingqualifiedlead"
-            b.mkt_row(p, lifecycle=lifecycle, guid=g if rng.random() < 0.7 else None)
+            r = rng.random()
+            if r < _P_CHANGED_EMAIL and p.email:
+                local, domain = p.email.split("@")
+                b.mkt_row(p, lifecycle=lifecycle, guid=None, email=b.unique_email(local, "old-" + domain),
+                          company=rng.choice(names.COMPANIES)[0])
+            elif r < _P_CHANGED_EMAIL + _P_NICKNAME and p.first in names.NICKNAMES:
+                b.mkt_row(p, lifecycle=lifecycle, guid=g if rng.random() < 0.7 else None,
+                          first=names.NICKNAMES[p.first], last=p.last)
+            else:
+                b.mkt_row(p, lifecycle=lifecycle, guid=g if rng.random() < 0.7 else None)
         if customer:
             inactive = rng.random() < (0.7 if statecode else 0.05)
             if cat == "all" and rng.random() < _P_ERP_TYPO:
                 b.erp_row(p, email=None, last=_typo(p.last, rng), inactive=inactive)
+            elif rng.random() < _P_SWAPPED:
+                b.erp_row(p, email=None, first=p.last, last=p.first, inactive=inactive)
             else:
                 b.erp_row(p, inactive=inactive)
 

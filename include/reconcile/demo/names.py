@@ -167,3 +167,16 @@ STREETS = (
     "Elm Street", "Park Avenue", "Lake Shore Drive", "Hillside Road", "Mill Road", "Station Road", "High Street",
     "Church Lane", "Riverside Drive", "Pine Street", "Washington Avenue", "Sunset Boulevard", "Broadway",
 )
+
+# Nicknames people give a web form or a sales rep instead of their full first name (hard case: the
+# identity model must link "Bill Turner" to "William Turner" on the other evidence).
+NICKNAMES = {
+    "William": "Bill", "Robert": "Bob", "Richard": "Rick", "James": "Jim", "Michael": "Mike", "Elizabeth": "Liz",
+    "Margaret": "Peggy", "Joseph": "Joe", "Thomas": "Tom", "Daniel": "Dan", "Christopher": "Chris",
+    "Matthew": "Matt", "Anthony": "Tony", "Jennifer": "Jen", "Patricia": "Pat", "Jessica": "Jess",
+    "Nicholas": "Nick", "Katarzyna": "Kasia", "Francesco": "Franco", "Alessia": "Ale",
+}
+
+# Full names shared by many different people (hard case: a common name alone is no evidence of one person).
+COMMON_NAMES = (("John", "Smith"), ("Maria", "Garcia"), ("James", "Johnson"), ("Mary", "Brown"),
+                ("Wei", "Wang"), ("David", "Miller"))

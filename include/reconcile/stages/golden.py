@@ -404,8 +404,11 @@ def person_report(con, cfg: Config, entity: str, xid: str) -> dict:
                        "WHERE entity = ? AND xid = ?", [entity, xid])
     erasure = _rows(con, "SELECT request_id, requested_at, requested_by, reason, matched_by, status "
                          "FROM identity.erasures WHERE entity = ? AND xid = ?", [entity, xid])
-    links = _rows(con, """SELECT system, record_key, rule, confidence, run_id, linked_at FROM identity.xref
+    links = _rows(con, """SELECT system, record_key, rule, confidence, run_id, linked_at,
+                                 CAST(evidence AS VARCHAR) AS evidence FROM identity.xref
                           WHERE entity = ? AND xid = ? ORDER BY system, record_key""", [entity, xid])
+    for link in links:  # why the record is this person: the match model's evidence (docs/identity.md)
+        link["evidence"] = json.loads(link["evidence"]) if link["evidence"] else None
     records = []
     for link in links:
         system = link["system"]

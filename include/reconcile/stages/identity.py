@@ -1,18 +1,23 @@
-"""Identity resolution: staging -> identity.xref (persistent cross-system ids), review.items.
+"""Identity resolution: staging -> identity.xref (persistent cross-system ids), review.items, identity.model.
 
-Every record of every system gets at most one xid; links are made in this order, every run, and only for
-records not linked yet (existing links are kept, so an xid stays with its record when its email changes):
+Called by runner.resolve_identity (the `resolve_identity` step of every run). Every record of every system
+gets at most one xid; links are made in this order, every run, and only for records not linked yet
+(existing links are kept, so an xid stays with its record when its email changes):
   0. steward decisions (review.decisions) not applied yet: they win over every rule;
   1. stored IDs: our xid in the system's `xid_column`, or another system's key in an `external_ids` column;
-  2. exact rules (`match:` with type exact), one-to-one only: at most one record per system shares the key,
-     exactly one xid among them, and that xid has no other record of the same system;
-  3. creates_identity systems mint a new xid for each record still unmatched (never two records of one
-     system on one xid automatically), then steps 1-2 run again against the new xids;
-  4. probabilistic rules score blocked pairs (DuckDB's jaro_winkler_similarity): review, or link only at
-     an explicit link_threshold;
-  5. records still unmatched in other systems wait in review as orphans (or are minted: identity.orphans).
-Within-system duplicates (same exact key in one system) are flagged for stewards, never merged.
-Everything is set-based SQL over temp tables; Python only loops over rules, systems and decisions.
+  2. exact rules (`match:` type exact, or the derived email rule), one-to-one only, and never when the
+     names contradict the key (same email, first and last name both different: a shared mailbox);
+  3. the match model (stages/identity_model.py, Splink): the records new or changed since they were last
+     scored get a match probability against every record sharing a blocking key; a probability at or
+     above link_threshold links (one-to-one, no competing candidate, no contradiction);
+  4. creates_identity systems mint a new xid for each record still unmatched (never two records of one
+     system on one xid automatically), then steps 1-3 run again against the new xids (no new scoring);
+  5. records in the review band (review_threshold <= p < link_threshold, or not one-to-one) get one
+     candidate item listing their best candidates; the rest get their own xid (identity.orphans: create,
+     the default) or wait as orphan items (review).
+Within-system duplicates (same exact key, or a same-system pair in the review band) are flagged for
+stewards, never merged. Everything is set-based SQL over temp tables; Python only loops over rules,
+systems and decisions.
 """
 from __future__ import annotations
 
@@ -23,23 +28,34 @@ from ..config.models import Config
 from ..errors import ReconcileError
 from ..transforms import quote_ident as q, sql_literal
 from ..warehouse import once, staging_table
+from . import identity_model
+from .identity_model import FULL_NAME, ModelSpec, match_rules, model_spec
 
 STAGE = "identity"
 KINDS = ("candidate", "orphan", "duplicate", "conflict")
+MAX_CANDIDATES = 5  # listed per candidate item, best first
 
 
 def _norm(col: str) -> str:
     return f"NULLIF(lower(trim(CAST({col} AS VARCHAR))), '')"
 
 
-def _match_fields(cfg: Config, entity: str) -> list[str]:
-    ent = cfg.entities[entity]
+def _match_fields(cfg: Config, entity: str, spec: ModelSpec | None) -> list[str]:
     fields: list[str] = []
-    for rule in ent.match:
+    for rule in match_rules(cfg, entity):
         fields += rule.fields + rule.exact
         for entry in rule.block_on:
             fields += entry if isinstance(entry, list) else [entry]
+    fields += list(_name_fields(cfg, entity))
     return list(dict.fromkeys(fields))
+
+
+def _name_fields(cfg: Config, entity: str) -> tuple[str, ...]:
+    """(first, last) canonical name fields, when the entity has both: the shared-mailbox guard reads them."""
+    ent = cfg.entities[entity]
+    firsts = [f for f in ent.fields if identity_model.FIELD_KINDS.get(f) == "first_name"]
+    lasts = [f for f in ent.fields if identity_model.FIELD_KINDS.get(f) == "last_name"]
+    return (firsts[0], lasts[0]) if firsts and lasts else ()
 
 
 def _ext_targets(cfg: Config, entity: str) -> list[str]:
@@ -47,18 +63,20 @@ def _ext_targets(cfg: Config, entity: str) -> list[str]:
     return sorted({t for s in ent.sources.values() for t in s.external_ids})
 
 
-def _build_records(con, cfg: Config, entity: str) -> None:
+def _build_records(con, cfg: Config, entity: str, spec: ModelSpec | None) -> None:
     """_recs: one row per staged record of every system, match fields normalised, stored IDs alongside."""
     ent = cfg.entities[entity]
-    fields = _match_fields(cfg, entity)
+    fields = _match_fields(cfg, entity, spec)
     exts = _ext_targets(cfg, entity)
+    names = _name_fields(cfg, entity)
     parts = []
     for system, source in sorted(ent.sources.items()):
         exists = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'staging' "
                              "AND table_name = ?", [f"{system}__{entity}"]).fetchone()[0]
         if not exists:
             continue
-        cols = [f"{sql_literal(system)} AS system", "_record_key AS record_key",
+        cols = [f"{sql_literal(system)} AS system", "CAST(_record_key AS VARCHAR) AS record_key",
+                f"{sql_literal(system + ':')} || CAST(_record_key AS VARCHAR) AS rid",
                 f"{'TRUE' if cfg.systems[system].creates_identity else 'FALSE'} AS creates",
                 "_source_modified_at AS modified_at"]
         cols += [f"{_norm(q(f)) if f in source.fields else 'CAST(NULL AS VARCHAR)'} AS {q(f)}" for f in fields]
@@ -68,7 +86,23 @@ def _build_records(con, cfg: Config, entity: str) -> None:
         parts.append(f"SELECT {', '.join(cols)} FROM {staging_table(system, entity)}")
     if not parts:
         raise ReconcileError(f"entity {entity!r} has no staging tables yet: extract before resolving identities")
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _recs AS {' UNION ALL '.join(parts)}")
+    full = (f", NULLIF(concat_ws(' ', {q(names[0])}, {q(names[1])}), '') AS {q(FULL_NAME)}" if names
+            else f", CAST(NULL AS VARCHAR) AS {q(FULL_NAME)}")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _recs AS SELECT *{full} FROM ({' UNION ALL '.join(parts)})")
+
+
+def _contradicted(cfg: Config, entity: str, a: str, b: str) -> str:
+    """SQL: records a and b name two different people (first AND last name both different, not swapped).
+
+    A shared key (e.g. one mailbox) is then no evidence of one person: the shared-mailbox guard."""
+    names = _name_fields(cfg, entity)
+    if not names:
+        return "FALSE"
+    f, l = (q(n) for n in names)
+    return (f"({a}.{f} IS NOT NULL AND {a}.{l} IS NOT NULL AND {b}.{f} IS NOT NULL AND {b}.{l} IS NOT NULL "
+            f"AND jaro_winkler_similarity({a}.{f}, {b}.{f}) < 0.8 AND jaro_winkler_similarity({a}.{l}, {b}.{l}) < 0.8 "
+            f"AND NOT (jaro_winkler_similarity({a}.{f}, {b}.{l}) >= 0.92 "
+            f"AND jaro_winkler_similarity({a}.{l}, {b}.{f}) >= 0.92))")
 
 
 class _Run:
@@ -77,18 +111,24 @@ class _Run:
     def __init__(self, con, cfg: Config, entity: str, run_id: str, run_at: datetime):
         self.con, self.cfg, self.entity, self.run_id, self.run_at = con, cfg, entity, run_id, run_at
         con.execute("CREATE OR REPLACE TEMP TABLE _seen_items (item_id VARCHAR)")
-        self.stats = {"split": 0, "merged": 0, "decisions": 0}
+        # Records with an open candidate item this run: not minted as orphans, not given a second item.
+        con.execute("CREATE OR REPLACE TEMP TABLE _in_review (system VARCHAR, record_key VARCHAR)")
+        self.stats = {"split": 0, "merged": 0, "decisions": 0, "pairs_scored": 0, "review_band": 0}
 
     # -- links ------------------------------------------------------------------------------------------
     def link_from(self, sql: str) -> int:
-        """Insert links from a query yielding (system, record_key, xid, rule, confidence); returns how many."""
+        """Insert links from a query yielding (system, record_key, xid, rule, confidence, evidence);
+        returns how many."""
         con = self.con
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _new AS SELECT DISTINCT * FROM ({sql})")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _new AS SELECT DISTINCT ON (system, record_key) * FROM ({sql})")
         n = con.execute("SELECT count(*) FROM _new").fetchone()[0]
         if n:
-            con.execute("""INSERT INTO identity.xref SELECT xid, ?, system, record_key, rule, confidence, ?, ? FROM _new""",
+            con.execute("""INSERT INTO identity.xref (xid, entity, system, record_key, rule, confidence, run_id,
+                                                      linked_at, evidence)
+                           SELECT xid, ?, system, record_key, rule, confidence, ?, ?, CAST(evidence AS JSON) FROM _new""",
                         [self.entity, self.run_id, self.run_at])
-            con.execute("""INSERT INTO identity.xref_history
+            con.execute("""INSERT INTO identity.xref_history (entity, xid, system, record_key, action, rule, confidence,
+                                                              previous_xid, run_id, changed_at, note)
                            SELECT ?, xid, system, record_key, 'link', rule, confidence, NULL, ?, ?, NULL FROM _new""",
                         [self.entity, self.run_id, self.run_at])
         return n
@@ -99,17 +139,18 @@ class _Run:
         con.execute(f"""CREATE OR REPLACE TEMP TABLE _mint AS
                         SELECT r.system, r.record_key, CAST(uuidv7() AS VARCHAR) AS xid FROM _recs r
                         WHERE {self.unlinked('r')} AND ({where})""")
-        con.execute("""INSERT INTO identity.xids
+        con.execute("""INSERT INTO identity.xids (xid, entity, status, merged_into, minted_run_id, minted_at, minted_from)
                        SELECT xid, ?, 'active', NULL, ?, ?, system || ':' || record_key FROM _mint""",
                     [self.entity, self.run_id, self.run_at])
-        return self.link_from(f"SELECT system, record_key, xid, {sql_literal(rule)} AS rule, 1.0 AS confidence FROM _mint")
+        return self.link_from(f"""SELECT system, record_key, xid, {sql_literal(rule)} AS rule, 1.0 AS confidence,
+                                         NULL AS evidence FROM _mint""")
 
     def unlinked(self, alias: str) -> str:
         return (f"NOT EXISTS (SELECT 1 FROM identity.xref x WHERE x.entity = {sql_literal(self.entity)} "
                 f"AND x.system = {alias}.system AND x.record_key = {alias}.record_key)")
 
     def apply_candidates(self, cand_sql: str) -> int:
-        """Link one-to-one candidates (system, record_key, xid, rule, confidence); others go to review.
+        """Link one-to-one candidates (system, record_key, xid, rule, confidence, evidence); others go to review.
 
         A candidate links only if the record has exactly one candidate xid, the xid has no record of the
         same system yet, no other record of that system claims the same xid, and no steward said distinct.
@@ -130,7 +171,8 @@ class _Run:
                     f"WHERE entity = {e}")
         con.execute("""
             CREATE OR REPLACE TEMP TABLE _cand_ok AS
-            SELECT c.system, c.record_key, c.xid, min(c.rule) AS rule, max(c.confidence) AS confidence
+            SELECT c.system, c.record_key, c.xid, min(c.rule) AS rule, max(c.confidence) AS confidence,
+                   arg_max(CAST(c.evidence AS VARCHAR), c.confidence) AS evidence
             FROM _cand c
             JOIN _per_record pr ON pr.system = c.system AND pr.record_key = c.record_key AND pr.n = 1
             JOIN _per_xid px ON px.xid = c.xid AND px.system = c.system AND px.n = 1
@@ -138,25 +180,30 @@ class _Run:
             WHERE t.xid IS NULL
             GROUP BY c.system, c.record_key, c.xid
         """)
-        return self.link_from("SELECT system, record_key, xid, rule, confidence FROM _cand_ok")
+        return self.link_from("SELECT system, record_key, xid, rule, confidence, evidence FROM _cand_ok")
 
     # -- review items -----------------------------------------------------------------------------------
     def items_from(self, kind: str, sql: str) -> int:
-        """Upsert review items from a query yielding (system, item_key, title, details JSON), in one statement.
+        """Upsert review items from a query yielding (system, record_key, item_key, title, details JSON,
+        priority), in one statement. record_key is the record an item is about (NULL for several).
 
         The item id is derived from kind, entity and item_key, so the same situation keeps its item across
-        runs; a decided or ignored item is never reopened.
+        runs; a decided or ignored item is never reopened. `priority` goes into the details; `reconcile
+        review list` sorts by it, highest first.
         """
         con = self.con
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE _items AS
             SELECT DISTINCT ON (item_id) * FROM (
                 SELECT {sql_literal(kind[:3] + '_')} || substr(sha256({sql_literal(kind + '|' + self.entity + '|')}
-                       || item_key), 1, 16) AS item_id, system, title, CAST(details AS JSON) AS details
+                       || item_key), 1, 16) AS item_id, system, record_key, title,
+                       json_merge_patch(CAST(details AS JSON),
+                                        json_object('priority', round(CAST(priority AS DOUBLE), 4))) AS details
                 FROM ({sql}))
         """)
         con.execute(
-            """INSERT INTO review.items
+            """INSERT INTO review.items (item_id, entity, kind, system, status, title, details, first_seen_run,
+                                         last_seen_run, created_at, updated_at)
                SELECT item_id, ?, ?, system, 'open', title, details, ?, ?, ?, ? FROM _items
                ON CONFLICT (item_id) DO UPDATE SET
                    status = CASE WHEN review.items.status IN ('decided', 'ignored') THEN review.items.status
@@ -165,6 +212,8 @@ class _Run:
                    last_seen_run = excluded.last_seen_run, updated_at = excluded.updated_at""",
             [self.entity, kind, self.run_id, self.run_id, self.run_at, self.run_at])
         con.execute("INSERT INTO _seen_items SELECT item_id FROM _items")
+        if kind == "candidate":
+            con.execute("INSERT INTO _in_review SELECT system, record_key FROM _items WHERE record_key IS NOT NULL")
         return con.execute("SELECT count(*) FROM _items").fetchone()[0]
 
 
@@ -172,42 +221,45 @@ class _Run:
 
 def resolve(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
     """Resolve every staged record of an entity to an xid. One transaction; idempotent per run id."""
-    ent = cfg.entities[entity]
     r = _Run(con, cfg, entity, run_id, run_at)
+    spec = model_spec(cfg, entity)
+    rules = match_rules(cfg, entity)
 
     def _body() -> dict:
-        _build_records(con, cfg, entity)
+        _build_records(con, cfg, entity, spec)
         # An erased person's records are never given a new xid (linked ones stay on the erased xid).
         con.execute(f"""DELETE FROM _recs WHERE {r.unlinked('_recs')} AND EXISTS (
                             SELECT 1 FROM identity.erased_records e WHERE e.entity = ? AND e.system = _recs.system
                             AND e.record_key = _recs.record_key)""", [entity])
         _apply_decisions(r)
         _load_distinct(r)
+        _score(r, spec)
         for round_no in (1, 2):
             _stored_ids(r)
-            for rule in ent.match:
+            for rule in rules:
                 if rule.type == "exact":
                     _exact_rule(r, rule, final=round_no == 2)
+            if spec is not None:
+                _model_links(r, spec, rules)
             if round_no == 1:
                 r.mint_for("r.creates")
-        for rule in ent.match:
-            if rule.type == "probabilistic":
-                _probabilistic_rule(r, rule)
+        if spec is not None:
+            _candidate_items(r, spec)
+        _keep_unchanged_items(r)
         _orphans(r)
-        _duplicates(r)
-        for rule in ent.match:
-            if rule.type == "probabilistic":
-                _probabilistic_duplicates(r, rule)
+        _duplicates(r, rules)
+        if spec is not None:
+            _scored_duplicates(r, spec, rules)
         _retire(r)
+        _keep_unchanged_duplicates(r)
         # Items of identity kinds not seen this run no longer apply (the record linked, the duplicate went away).
-        con.execute(
-            """UPDATE review.items SET status = 'resolved', updated_at = ?
-               WHERE entity = ? AND kind IN ('candidate', 'orphan', 'duplicate', 'conflict') AND status = 'open'
-                 AND item_id NOT IN (SELECT item_id FROM _seen_items)""",
-            [run_at, entity],
-        )
-        summary = _summary(r)
-        return summary
+        con.execute("CREATE OR REPLACE TEMP TABLE _gone AS SELECT i.item_id FROM review.items i "
+                    "ANTI JOIN _seen_items s USING (item_id) WHERE i.entity = ? AND i.status = 'open' "
+                    "AND i.kind IN ('candidate', 'orphan', 'duplicate', 'conflict')", [entity])
+        con.execute("UPDATE review.items SET status = 'resolved', updated_at = ? "
+                    "WHERE item_id IN (SELECT item_id FROM _gone)", [run_at])
+        _link_evidence(r)
+        return _summary(r, spec)
 
     return once(con, run_id, entity, STAGE, run_at, _body)
 
@@ -225,33 +277,38 @@ def _load_distinct(r: _Run) -> None:
 def _stored_ids(r: _Run) -> None:
     e = sql_literal(r.entity)
     parts = [f"""SELECT rec.system, rec.record_key, coalesce(x.merged_into, x.xid) AS xid, 'stored_xid' AS rule,
-                        1.0 AS confidence
+                        1.0 AS confidence, NULL AS evidence
                  FROM _recs rec JOIN identity.xids x ON x.xid = rec._xid AND x.entity = {e}
                  WHERE {r.unlinked('rec')}"""]
     for target in _ext_targets(r.cfg, r.entity):
-        parts.append(f"""SELECT rec.system, rec.record_key, x.xid, 'external_id:{target}' AS rule, 1.0 AS confidence
+        parts.append(f"""SELECT rec.system, rec.record_key, x.xid, 'external_id:{target}' AS rule, 1.0 AS confidence,
+                                NULL AS evidence
                          FROM _recs rec JOIN identity.xref x
                            ON x.entity = {e} AND x.system = {sql_literal(target)} AND x.record_key = rec.{q('_ext_' + target)}
                          WHERE {r.unlinked('rec')}""")
     r.apply_candidates(" UNION ALL ".join(parts))
     # A stored id that cannot be honoured (its xid already has a record of that system) is a conflict to review.
     r.items_from("conflict", f"""
-        SELECT c.system, c.system || '|' || c.record_key || '|' || c.rule AS item_key,
+        SELECT c.system, c.record_key, c.system || '|' || c.record_key || '|' || c.rule AS item_key,
                c.system || ' record ' || c.record_key || ' carries a stored id (' || c.rule ||
                ') that cannot be linked one-to-one to xid ' || c.xid AS title,
                to_json(struct_pack(system := c.system, record_key := c.record_key, xid := c.xid, rule := c.rule,
-                   why := 'the xid already has a record of this system, or several records claim it')) AS details
+                   why := 'the xid already has a record of this system, or several records claim it')) AS details,
+               1.0 AS priority
         FROM _cand c WHERE {r.unlinked('c')}""")
 
 
 def _exact_rule(r: _Run, rule, final: bool) -> None:
-    """Link one-to-one exact matches; in the final round, put ambiguous ones in review."""
+    """Link one-to-one exact matches the names do not contradict; in the final round, put ambiguous and
+    contradicted ones in review."""
     e = sql_literal(r.entity)
     key = "concat_ws(chr(31), " + ", ".join(f"rec.{q(f)}" for f in rule.fields) + ")"
     all_set = " AND ".join(f"rec.{q(f)} IS NOT NULL" for f in rule.fields)
+    names = [q(n) for n in _name_fields(r.cfg, r.entity)]
+    name_cols = "".join(f", rec.{n}" for n in names)
     r.con.execute(f"""
         CREATE OR REPLACE TEMP TABLE _keyed AS
-        SELECT rec.system, rec.record_key, {key} AS k, x.xid
+        SELECT rec.system, rec.record_key, {key} AS k, x.xid{name_cols}
         FROM _recs rec LEFT JOIN identity.xref x ON x.entity = {e} AND x.system = rec.system AND x.record_key = rec.record_key
         WHERE {all_set}
     """)
@@ -262,164 +319,334 @@ def _exact_rule(r: _Run, rule, final: bool) -> None:
         FROM (SELECT k, system, xid, count(*) OVER (PARTITION BY k, system) AS per_system FROM _keyed)
         GROUP BY k
     """)
-    r.apply_candidates(f"""
-        SELECT kd.system, kd.record_key, g.the_xid AS xid, 'match:{rule.name}' AS rule, 1.0 AS confidence
+    # One-to-one matches whose names contradict the key (a linked record of the xid names someone else).
+    r.con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE _kmatch AS
+        SELECT kd.system, kd.record_key, kd.k, g.the_xid AS xid,
+               bool_or({_contradicted(r.cfg, r.entity, 'kd', 'o')}) AS contradicted,
+               list(struct_pack(system := o.system, record_key := o.record_key, xid := o.xid)
+                    ORDER BY o.system, o.record_key) AS others
         FROM _keyed kd JOIN _kgroups g USING (k)
+        JOIN _keyed o ON o.k = kd.k AND o.xid = g.the_xid
         WHERE kd.xid IS NULL AND g.max_per_system = 1 AND g.xids = 1
+        GROUP BY kd.system, kd.record_key, kd.k, g.the_xid
     """)
+    r.apply_candidates(f"""
+        SELECT system, record_key, xid, 'match:{rule.name}' AS rule, 1.0 AS confidence, NULL AS evidence
+        FROM _kmatch WHERE NOT contradicted""")
     if not final:
         return
+    r.items_from("candidate", f"""
+        SELECT m.system, m.record_key, m.system || '|' || m.record_key AS item_key,
+               m.system || ' record ' || m.record_key || ' shares {rule.name} ' || replace(m.k, chr(31), ' + ') ||
+               ' with another person (different first and last name): shared mailbox? not linked' AS title,
+               to_json(struct_pack(system := m.system, record_key := m.record_key, rule := {sql_literal(rule.name)},
+                   key := string_split(m.k, chr(31)),
+                   candidates := m.others,
+                   would_change := struct_pack(links := m.system || ':' || m.record_key || ' joins xid ' || m.xid),
+                   why := 'shared mailbox? the names contradict the key: the same {rule.name} is no evidence of one person'))
+                   AS details,
+               0.9 AS priority
+        FROM _kmatch m WHERE m.contradicted AND {r.unlinked('m')}""")
     # Ambiguous: an unlinked record whose key is shared by several records of one system, or by several xids.
     r.items_from("candidate", f"""
-        SELECT kd.system, kd.system || '|' || kd.record_key AS item_key,
+        SELECT kd.system, kd.record_key, kd.system || '|' || kd.record_key AS item_key,
                kd.system || ' record ' || kd.record_key || ' matches several records on {rule.name} (' ||
                replace(kd.k, chr(31), ' + ') || '): not linked automatically' AS title,
                to_json(struct_pack(system := kd.system, record_key := kd.record_key, rule := {sql_literal(rule.name)},
                    key := string_split(kd.k, chr(31)),
                    candidates := list(struct_pack(system := o.system, record_key := o.record_key, xid := o.xid)
                                       ORDER BY o.system, o.record_key),
-                   why := 'one-to-one match required for automatic links')) AS details
+                   would_change := struct_pack(links := kd.system || ':' || kd.record_key || ' joins the chosen xid'),
+                   why := 'one-to-one match required for automatic links')) AS details,
+               0.8 AS priority
         FROM _keyed kd JOIN _kgroups g USING (k)
         JOIN _keyed o ON o.k = kd.k AND NOT (o.system = kd.system AND o.record_key = kd.record_key)
+        ANTI JOIN _in_review ir ON ir.system = kd.system AND ir.record_key = kd.record_key
         WHERE {r.unlinked('kd')} AND g.systems > 1 AND (g.max_per_system > 1 OR g.xids > 1)
           AND NOT EXISTS (SELECT 1 FROM _distinct d WHERE d.system = kd.system AND d.record_key = kd.record_key
                                                        AND d.xid = o.xid)
         GROUP BY kd.system, kd.record_key, kd.k""")
 
 
-def _similarities(rule) -> list[str]:
-    """Per-field similarity of records a and b (NULL when either side is empty): equality for `exact`
-    fields, Jaro-Winkler for the others."""
-    sims = []
-    for f in rule.fields:
-        if f in rule.exact:
-            sims.append(f"CASE WHEN a.{q(f)} IS NULL OR b.{q(f)} IS NULL THEN NULL "
-                        f"WHEN a.{q(f)} = b.{q(f)} THEN 1.0 ELSE 0.0 END")
+# ----------------------------------------------------------------------------------------------------------
+# The match model: score what changed, then three bands
+# ----------------------------------------------------------------------------------------------------------
+
+def _fingerprint_sql(spec: ModelSpec) -> str:
+    return ("md5(concat_ws(chr(31), " + sql_literal(spec.signature) + ", "
+            + ", ".join(f"coalesce(rec.{q(f)}, chr(0))" for f in spec.fields) + "))")
+
+
+def _model(r: _Run, spec: ModelSpec, records) -> dict:
+    """The model for this run: the stored one for the same spec if trained fewer than `retrain_every` runs
+    ago, else trained now (from the previous parameters). One identity.model row per run either way."""
+    con, e = r.con, r.entity
+    prev = con.execute("""SELECT parameters, trained_run_id, signature FROM identity.model WHERE entity = ?
+                          ORDER BY created_at DESC, run_id DESC LIMIT 1""", [e]).fetchone()
+    every = r.cfg.entities[e].identity.retrain_every
+    if prev and prev[2] == spec.signature:
+        uses = con.execute("SELECT count(*) FROM identity.model WHERE entity = ? AND trained_run_id = ?",
+                           [e, prev[1]]).fetchone()[0]
+        if uses < every:
+            model, trained_run, status = json.loads(prev[0]), prev[1], "reused"
         else:
-            sims.append(f"CASE WHEN a.{q(f)} IS NULL OR b.{q(f)} IS NULL THEN NULL "
-                        f"ELSE jaro_winkler_similarity(a.{q(f)}, b.{q(f)}) END")
-    return sims
+            model, trained_run, status = identity_model.train(records, spec, json.loads(prev[0])), r.run_id, "trained"
+    else:
+        model, trained_run, status = identity_model.train(records, spec), r.run_id, "trained"
+    con.execute("""INSERT INTO identity.model (entity, run_id, status, trained_run_id, signature, records,
+                                               link_threshold, review_threshold, parameters, m_u, created_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [e, r.run_id, status, trained_run, spec.signature, records.num_rows, spec.link_threshold,
+                 spec.review_threshold, json.dumps(model), json.dumps(identity_model.m_u(model)), r.run_at])
+    r.stats["model"] = {"status": status, "trained_run_id": trained_run}
+    return model
 
 
-def _probabilistic_rule(r: _Run, rule) -> None:
+def _score(r: _Run, spec: ModelSpec | None) -> None:
+    """_pairs: every scored pair, in both directions (system, record_key, other_system, other_key,
+    probability, weight, evidence, contradicted). Only records new or changed since they were last scored
+    (identity.fingerprints) are scored, against every record."""
+    con, e = r.con, r.entity
+    con.execute("""CREATE OR REPLACE TEMP TABLE _pairs (system VARCHAR, record_key VARCHAR, other_system VARCHAR,
+                   other_key VARCHAR, probability DOUBLE, weight DOUBLE, evidence VARCHAR, contradicted BOOLEAN)""")
+    con.execute("CREATE OR REPLACE TEMP TABLE _fresh (rid VARCHAR)")
+    if spec is None:
+        return
+    con.execute(f"""INSERT INTO _fresh SELECT rec.rid FROM _recs rec
+                    ANTI JOIN identity.fingerprints fp ON fp.entity = {sql_literal(e)} AND fp.system = rec.system
+                        AND fp.record_key = rec.record_key AND fp.fingerprint = {_fingerprint_sql(spec)}""")
+    if not con.execute("SELECT count(*) FROM _fresh").fetchall()[0][0]:  # fetchall: the result is finished
+        return
+    exact = [rule for rule in match_rules(r.cfg, e) if rule.type == "exact"]
+    key = (f"concat_ws(chr(31), {', '.join('rec.' + q(f) for f in exact[0].fields)})" if exact else "NULL")
+    cols = ", ".join(["rec.rid", "rec.system"] + [f"rec.{q(f)}" for f in spec.fields]
+                     + ([f"rec.{q(FULL_NAME)}"] if spec.names else []))
+    # grp: who a record is, as far as known before scoring (term frequencies count people, not records)
+    records = con.sql(f"""SELECT {cols}, coalesce(x.xid, {key}, rec.rid) AS grp FROM _recs rec
+                          LEFT JOIN identity.xref x ON x.entity = {sql_literal(e)} AND x.system = rec.system
+                                                   AND x.record_key = rec.record_key""").to_arrow_table()
+    fresh = con.sql("SELECT rid FROM _fresh").to_arrow_table()
+    model = _model(r, spec, records)
+    scored = identity_model.score(records, fresh, model, spec)
+    con.register("_scored_arrow", scored)
+    try:
+        con.execute("CREATE OR REPLACE TEMP TABLE _scored AS SELECT * FROM _scored_arrow")
+    finally:
+        con.unregister("_scored_arrow")
+    r.stats["pairs_scored"] = con.execute("SELECT count(*) FROM _scored").fetchone()[0]
+    shared = [rule for rule in match_rules(r.cfg, e) if rule.type == "exact"]
+    same_key = " OR ".join("(" + " AND ".join(f"a.{q(f)} = b.{q(f)}" for f in rule.fields) + ")" for rule in shared)
+    contradicted = f"(({same_key}) AND {_contradicted(r.cfg, e, 'a', 'b')})" if shared else "FALSE"
+    con.execute(f"""
+        INSERT INTO _pairs
+        SELECT a.system, a.record_key, b.system, b.record_key, s.probability, s.weight, s.evidence, {contradicted}
+        FROM _scored s JOIN _recs a ON a.rid = s.rid_l JOIN _recs b ON b.rid = s.rid_r
+        UNION ALL
+        SELECT b.system, b.record_key, a.system, a.record_key, s.probability, s.weight, s.evidence_rev, {contradicted}
+        FROM _scored s JOIN _recs a ON a.rid = s.rid_l JOIN _recs b ON b.rid = s.rid_r""")
+    con.execute(f"""INSERT OR REPLACE INTO identity.fingerprints (entity, system, record_key, fingerprint, run_id)
+                    SELECT {sql_literal(e)}, rec.system, rec.record_key, {_fingerprint_sql(spec)}, {sql_literal(r.run_id)}
+                    FROM _recs rec SEMI JOIN _fresh USING (rid)""")
+
+
+def _band(r: _Run, spec: ModelSpec) -> None:
+    """_band: per unlinked record and candidate xid (of another system), the best pair, at or above
+    review_threshold; `competing` counts the record's candidate xids."""
     e = sql_literal(r.entity)
-    sims = _similarities(rule)
-    def block(entry) -> str:
-        fs = entry if isinstance(entry, list) else [entry]
-        on = " AND ".join(f"a.{q(f)} = b.{q(f)}" for f in fs)
-        return (f"""SELECT a.system AS a_system, a.record_key AS a_key, b.system AS b_system, b.record_key AS b_key
-                    FROM _unl a JOIN _recs b ON {on} AND a.system <> b.system""")
-
-    # Only unlinked records are compared, each against records of other systems sharing a blocking key.
-    r.con.execute(f"CREATE OR REPLACE TEMP TABLE _unl AS SELECT * FROM _recs rec WHERE {r.unlinked('rec')}")
-    blocks = " UNION ".join(block(entry) for entry in rule.block_on)
-    evidence = "struct_pack(" + ", ".join(
-        f"{q(f)} := struct_pack(a := a.{q(f)}, b := b.{q(f)}, similarity := round(({s}), 3))"
-        for f, s in zip(rule.fields, sims)) + ")"
     r.con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE _pairs AS
-        WITH p AS ({blocks}),
-             scored AS (
-                SELECT a.system, a.record_key, x.xid, b.system AS other_system, b.record_key AS other_key,
-                       list_filter([{', '.join(sims)}], lambda s: s IS NOT NULL) AS sims, {evidence} AS evidence
-                FROM p JOIN _recs a ON a.system = p.a_system AND a.record_key = p.a_key
-                       JOIN _recs b ON b.system = p.b_system AND b.record_key = p.b_key
-                       JOIN identity.xref x ON x.entity = {e} AND x.system = b.system AND x.record_key = b.record_key)
-        SELECT system, record_key, xid, other_system, other_key, round(list_avg(sims), 4) AS score, evidence
-        FROM scored WHERE len(sims) >= 2
-    """)
-    r.con.execute("""DELETE FROM _pairs WHERE EXISTS (SELECT 1 FROM _distinct d WHERE d.system = _pairs.system
-                     AND d.record_key = _pairs.record_key AND d.xid = _pairs.xid)""")
-    if rule.link_threshold is not None:
-        r.apply_candidates(f"""
-            SELECT system, record_key, xid, 'match:{rule.name}' AS rule, max(score) AS confidence FROM _pairs
-            WHERE score >= {rule.link_threshold} GROUP BY ALL""")
-    r.items_from("candidate", f"""
-        SELECT system, system || '|' || record_key AS item_key,
-               system || ' record ' || record_key || ' resembles ' || count(*) || ' record(s) ({rule.name}, best score '
-               || max(score) || '): review' AS title,
-               to_json(struct_pack(system := system, record_key := record_key, rule := {sql_literal(rule.name)},
-                   candidates := list(struct_pack(xid := xid, system := other_system, record_key := other_key,
-                                                  score := score, evidence := evidence) ORDER BY score DESC, xid),
-                   why := {sql_literal('probabilistic match: people decide' if rule.link_threshold is None else
-                                       f'score below link_threshold {rule.link_threshold} or not one-to-one')})) AS details
-        FROM _pairs p WHERE score >= {rule.review_threshold} AND {r.unlinked('p')}
-          AND p.system || '|' || p.record_key NOT IN (   -- an earlier rule already put it in review
-              SELECT i.system || '|' || (i.details->>'record_key') FROM review.items i JOIN _seen_items USING (item_id)
-              WHERE i.kind = 'candidate')
-        GROUP BY system, record_key""")
+        CREATE OR REPLACE TEMP TABLE _band AS
+        SELECT p.system, p.record_key, x.xid, max(p.probability) AS probability,
+               arg_max(p.evidence, p.probability) AS evidence, arg_max(p.weight, p.probability) AS weight,
+               arg_max(p.other_system, p.probability) AS other_system, arg_max(p.other_key, p.probability) AS other_key,
+               bool_or(p.contradicted) AS contradicted,
+               count(*) OVER (PARTITION BY p.system, p.record_key) AS competing
+        FROM _pairs p
+        JOIN identity.xref x ON x.entity = {e} AND x.system = p.other_system AND x.record_key = p.other_key
+        WHERE p.system <> p.other_system AND p.probability >= {spec.review_threshold} AND {r.unlinked('p')}
+          AND NOT EXISTS (SELECT 1 FROM _distinct d WHERE d.system = p.system AND d.record_key = p.record_key
+                                                       AND d.xid = x.xid)
+        GROUP BY p.system, p.record_key, x.xid""")
 
 
-def _probabilistic_duplicates(r: _Run, rule) -> None:
-    """Within one system, records scoring at or above review_threshold are duplicate candidates (never merged)."""
-    sims = _similarities(rule)
-    blocks = " UNION ".join(
-        "SELECT a.system, a.record_key AS a_key, b.record_key AS b_key FROM _recs a JOIN _recs b ON "
-        + " AND ".join(f"a.{q(f)} = b.{q(f)}" for f in (e if isinstance(e, list) else [e]))
-        + " AND a.system = b.system AND a.record_key < b.record_key" for e in rule.block_on)
+def _model_rule(rules) -> str:
+    return "match:" + next(rule.name for rule in rules if rule.type == "probabilistic")
+
+
+def _model_links(r: _Run, spec: ModelSpec, rules) -> None:
+    """Automatic links: probability >= link_threshold, the record's only candidate xid, names not
+    contradicting a shared key; then the one-to-one rule (apply_candidates)."""
+    _band(r, spec)
+    r.apply_candidates(f"""
+        SELECT system, record_key, xid, {sql_literal(_model_rule(rules))} AS rule, probability AS confidence,
+               json_merge_patch(CAST(evidence AS JSON), json_object('_probability', probability, '_weight', weight,
+                                                                    '_with', other_system || ':' || other_key)) AS evidence
+        FROM _band WHERE probability >= {spec.link_threshold} AND competing = 1 AND NOT contradicted""")
+
+
+def _candidate_items(r: _Run, spec: ModelSpec) -> None:
+    """The review band: one candidate item per unlinked record, its best candidates first."""
+    _band(r, spec)
     e = sql_literal(r.entity)
+    r.con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE _cand_items AS
+        WITH c AS (
+            SELECT b.*, (SELECT count(*) FROM identity.xref y WHERE y.entity = {e} AND y.xid = b.xid) AS xid_records,
+                   row_number() OVER (PARTITION BY b.system, b.record_key ORDER BY b.probability DESC, b.xid) AS rank
+            FROM _band b ANTI JOIN _in_review ir ON ir.system = b.system AND ir.record_key = b.record_key)
+        SELECT system, record_key, max(probability) AS best, count(*) AS n,
+               arg_max(xid, probability) AS best_xid, arg_max(xid_records, probability) AS best_xid_records,
+               arg_max(evidence, probability) AS best_evidence,
+               list(struct_pack(xid := xid, system := other_system, record_key := other_key,
+                                probability := round(probability, 6),
+                                weight := weight, records_on_xid := xid_records, evidence := CAST(evidence AS JSON))
+                    ORDER BY probability DESC, xid) FILTER (WHERE rank <= {MAX_CANDIDATES}) AS candidates,
+               bool_or(contradicted) AS contradicted
+        FROM c GROUP BY system, record_key""")
+    n = r.items_from("candidate", f"""
+        SELECT system, record_key, system || '|' || record_key AS item_key,
+               system || ' record ' || record_key || ' may be the same person as ' || n || ' identit' ||
+               CASE WHEN n = 1 THEN 'y' ELSE 'ies' END || ' (best probability ' || round(best, 4) || '): review' AS title,
+               to_json(struct_pack(system := system, record_key := record_key, rule := 'model',
+                   probability := round(best, 6), candidates := candidates,
+                   would_change := struct_pack(
+                       links := system || ':' || record_key || ' joins xid ' || best_xid || ' (' || best_xid_records ||
+                                ' record(s))',
+                       differing_fields := (SELECT list(k ORDER BY k) FROM (
+                           SELECT unnest(json_keys(CAST(best_evidence AS JSON))) AS k)
+                           WHERE json_extract_string(CAST(best_evidence AS JSON), '$."' || k || '".a') IS DISTINCT FROM
+                                 json_extract_string(CAST(best_evidence AS JSON), '$."' || k || '".b')
+                             AND json_extract_string(CAST(best_evidence AS JSON), '$."' || k || '".a') IS NOT NULL
+                             AND json_extract_string(CAST(best_evidence AS JSON), '$."' || k || '".b') IS NOT NULL)),
+                   why := CASE WHEN contradicted THEN 'same key, different first and last name: shared mailbox?'
+                               WHEN n > 1 THEN 'several candidate identities: people decide'
+                               WHEN best >= {spec.link_threshold} THEN 'not one-to-one: the identity already has a record of this system'
+                               ELSE 'probability below link_threshold {spec.link_threshold}' END)) AS details,
+               best * (CASE WHEN n = 1 THEN 1.0 ELSE 0.9 END) AS priority
+        FROM _cand_items""")
+    r.stats["review_band"] = n
+
+
+def _scored_duplicates(r: _Run, spec: ModelSpec, rules) -> None:
+    """Same-system pairs in the review band on different xids: duplicate candidates (never merged). Pairs an
+    exact rule already flags (same key) are not repeated."""
+    e = sql_literal(r.entity)
+    exact = [rule for rule in rules if rule.type == "exact"]
+    same_key = " OR ".join("(" + " AND ".join(f"a.{q(f)} = b.{q(f)}" for f in rule.fields) + ")" for rule in exact)
     r.items_from("duplicate", f"""
-        WITH p AS ({blocks}),
-             scored AS (
-                SELECT p.system, p.a_key, p.b_key,
-                       list_avg(list_filter([{', '.join(sims)}], lambda s: s IS NOT NULL)) AS score,
-                       len(list_filter([{', '.join(sims)}], lambda s: s IS NOT NULL)) AS n
-                FROM p JOIN _recs a ON a.system = p.system AND a.record_key = p.a_key
-                       JOIN _recs b ON b.system = p.system AND b.record_key = p.b_key)
-        SELECT s.system, s.system || '|' || {sql_literal(rule.name)} || '|' || s.a_key || '|' || s.b_key AS item_key,
-               '2 ' || s.system || ' records look alike (' || {sql_literal(rule.name)} || ', score ' ||
-               round(s.score, 3) || '): same person entered twice?' AS title,
-               to_json(struct_pack(system := s.system, rule := {sql_literal(rule.name)}, score := round(s.score, 4),
-                   records := [struct_pack(record_key := s.a_key, xid := xa.xid),
-                               struct_pack(record_key := s.b_key, xid := xb.xid)],
-                   why := 'within-system duplicate by score: decide merge or distinct')) AS details
-        FROM scored s
-        LEFT JOIN identity.xref xa ON xa.entity = {e} AND xa.system = s.system AND xa.record_key = s.a_key
-        LEFT JOIN identity.xref xb ON xb.entity = {e} AND xb.system = s.system AND xb.record_key = s.b_key
-        WHERE s.n >= 2 AND s.score >= {rule.review_threshold}
-          -- pairs an exact rule already flagged as duplicates are not repeated
-          AND NOT EXISTS (SELECT 1 FROM review.items i JOIN _seen_items USING (item_id)
-                          WHERE i.kind = 'duplicate' AND i.system = s.system
-                            AND contains(CAST(i.details AS VARCHAR), '"' || s.a_key || '"')
-                            AND contains(CAST(i.details AS VARCHAR), '"' || s.b_key || '"'))""")
+        SELECT p.system, NULL AS record_key,
+               p.system || '|model|' || p.record_key || '|' || p.other_key AS item_key,
+               '2 ' || p.system || ' records look alike (probability ' || round(p.probability, 4) ||
+               '): same person entered twice?' AS title,
+               to_json(struct_pack(system := p.system, rule := 'model', probability := round(p.probability, 6),
+                   records := [struct_pack(record_key := p.record_key, xid := xa.xid),
+                               struct_pack(record_key := p.other_key, xid := xb.xid)],
+                   keys := [p.system || ':' || p.record_key, p.system || ':' || p.other_key],
+                   evidence := CAST(p.evidence AS JSON),
+                   would_change := struct_pack(links := 'merge: one xid for both records'),
+                   why := 'within-system duplicate by the match model: decide merge or distinct')) AS details,
+               p.probability * 0.5 AS priority
+        FROM _pairs p
+        JOIN _recs a ON a.system = p.system AND a.record_key = p.record_key
+        JOIN _recs b ON b.system = p.other_system AND b.record_key = p.other_key
+        LEFT JOIN identity.xref xa ON xa.entity = {e} AND xa.system = p.system AND xa.record_key = p.record_key
+        LEFT JOIN identity.xref xb ON xb.entity = {e} AND xb.system = p.other_system AND xb.record_key = p.other_key
+        WHERE p.system = p.other_system AND p.record_key < p.other_key AND p.probability >= {spec.review_threshold}
+          AND xa.xid IS DISTINCT FROM xb.xid
+          {f'AND NOT ({same_key})' if same_key else ''}""")
+
+
+def _keep_unchanged_items(r: _Run) -> None:
+    """Model candidate items about records not scored again this run (nothing changed) stay open as they are,
+    as long as the record is still unlinked: incremental scoring must not close what it did not look at."""
+    e = sql_literal(r.entity)
+    r.con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE _kept AS
+        SELECT i.item_id FROM review.items i
+        WHERE i.entity = {e} AND i.status = 'open' AND i.kind = 'candidate' AND i.details->>'rule' = 'model'
+          AND (i.system || ':' || (i.details->>'record_key')) NOT IN (SELECT rid FROM _fresh)
+          AND NOT EXISTS (SELECT 1 FROM identity.xref x WHERE x.entity = {e} AND x.system = i.system
+                          AND x.record_key = i.details->>'record_key')
+          AND i.item_id NOT IN (SELECT item_id FROM _seen_items)""")
+    r.con.execute("INSERT INTO _seen_items SELECT item_id FROM _kept")
+    r.con.execute("INSERT INTO _in_review SELECT i.system, i.details->>'record_key' FROM review.items i "
+                  "SEMI JOIN _kept USING (item_id)")
+
+
+def _keep_unchanged_duplicates(r: _Run) -> None:
+    """Model duplicate items whose two records were not scored again stay open while on different xids."""
+    e = sql_literal(r.entity)
+    r.con.execute(f"""
+        INSERT INTO _seen_items
+        SELECT d.item_id FROM (
+            SELECT i.item_id, unnest(CAST(i.details->'$.keys' AS VARCHAR[])) AS rid
+            FROM review.items i
+            WHERE i.entity = {e} AND i.status = 'open' AND i.kind = 'duplicate' AND i.details->>'rule' = 'model') d
+        LEFT JOIN _recs rec USING (rid)
+        LEFT JOIN identity.xref x ON x.entity = {e} AND x.system = rec.system AND x.record_key = rec.record_key
+        GROUP BY d.item_id
+        HAVING count(rec.rid) = 2 AND count(DISTINCT x.xid) = 2 AND NOT bool_or(d.rid IN (SELECT rid FROM _fresh))
+           AND d.item_id NOT IN (SELECT item_id FROM _seen_items)""")
+
+
+def _link_evidence(r: _Run) -> None:
+    """Links made this run by a deterministic rule carry the model's evidence too: the best scored pair of
+    the record with another record now on its xid (probability and per-field weights)."""
+    e = sql_literal(r.entity)
+    r.con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE _ev AS
+        SELECT x.system, x.record_key,
+               arg_max(json_merge_patch(CAST(p.evidence AS JSON),
+                                        json_object('_probability', p.probability, '_weight', p.weight,
+                                                    '_with', p.other_system || ':' || p.other_key)), p.probability) AS evidence
+        FROM identity.xref x
+        JOIN _pairs p ON p.system = x.system AND p.record_key = x.record_key
+        JOIN identity.xref y ON y.entity = x.entity AND y.system = p.other_system AND y.record_key = p.other_key
+                            AND y.xid = x.xid
+        WHERE x.entity = {e} AND x.run_id = {sql_literal(r.run_id)} AND x.evidence IS NULL
+        GROUP BY x.system, x.record_key""")
+    r.con.execute(f"""UPDATE identity.xref x SET evidence = ev.evidence FROM _ev ev
+                      WHERE x.entity = {e} AND x.system = ev.system AND x.record_key = ev.record_key""")
 
 
 def _orphans(r: _Run) -> None:
+    """Records of systems that may not create identities, still unlinked and not in review: their own xid
+    (identity.orphans: create, the default), or an orphan item each (review)."""
     ent = r.cfg.entities[r.entity]
+    not_in_review = "NOT EXISTS (SELECT 1 FROM _in_review ir WHERE ir.system = r.system AND ir.record_key = r.record_key)"
     if ent.identity.orphans == "create":
-        r.mint_for("""NOT r.creates AND r.system || '|' || r.record_key NOT IN (
-                          SELECT i.system || '|' || (i.details->>'record_key') FROM review.items i
-                          JOIN _seen_items USING (item_id) WHERE i.kind = 'candidate')""", rule="minted_orphan")
+        r.mint_for(f"NOT r.creates AND {not_in_review}", rule="minted_orphan")
         return
     r.items_from("orphan", f"""
-        SELECT rec.system, rec.system || '|' || rec.record_key AS item_key,
-               rec.system || ' record ' || rec.record_key || ' matches no one and ' || rec.system ||
+        SELECT r.system, r.record_key, r.system || '|' || r.record_key AS item_key,
+               r.system || ' record ' || r.record_key || ' matches no one and ' || r.system ||
                ' may not create identities' AS title,
-               to_json(struct_pack(system := rec.system, record_key := rec.record_key,
-                   why := rec.system || ' has creates_identity: false; link it, or set identity.orphans: create')) AS details
-        FROM _recs rec
-        WHERE {r.unlinked('rec')}
-          AND rec.system || '|' || rec.record_key NOT IN (   -- already in review as a candidate
-              SELECT i.system || '|' || (i.details->>'record_key') FROM review.items i JOIN _seen_items USING (item_id)
-              WHERE i.kind = 'candidate')""")
+               to_json(struct_pack(system := r.system, record_key := r.record_key,
+                   would_change := struct_pack(links := 'link: joins the chosen xid; identity.orphans: create mints one'),
+                   why := r.system || ' has creates_identity: false; link it, or set identity.orphans: create')) AS details,
+               0.1 AS priority
+        FROM _recs r
+        WHERE {r.unlinked('r')} AND {not_in_review}""")
 
 
-def _duplicates(r: _Run) -> None:
+def _duplicates(r: _Run, rules) -> None:
     """Records of one system sharing an exact key: duplicate candidates for stewards (never merged)."""
     e = sql_literal(r.entity)
-    for rule in r.cfg.entities[r.entity].match:
+    for rule in rules:
         if rule.type != "exact":
             continue
         key = "concat_ws(chr(31), " + ", ".join(f"rec.{q(f)}" for f in rule.fields) + ")"
         all_set = " AND ".join(f"rec.{q(f)} IS NOT NULL" for f in rule.fields)
         r.items_from("duplicate", f"""
-            SELECT rec.system, rec.system || '|' || {sql_literal(rule.name)} || '|' || {key} AS item_key,
+            SELECT rec.system, NULL AS record_key, rec.system || '|' || {sql_literal(rule.name)} || '|' || {key} AS item_key,
                    count(*) || ' ' || rec.system || ' records share {rule.name} ' || replace({key}, chr(31), ' + ') ||
                    ': same person entered twice, or different people (e.g. a shared mailbox)?' AS title,
                    to_json(struct_pack(system := rec.system, rule := {sql_literal(rule.name)},
                        key := string_split({key}, chr(31)),
                        records := list(struct_pack(record_key := rec.record_key, xid := x.xid) ORDER BY rec.record_key),
-                       why := 'within-system duplicate: decide merge or distinct')) AS details
+                       would_change := struct_pack(links := 'merge: one xid for all ' || count(*) || ' records'),
+                       why := 'within-system duplicate: decide merge or distinct')) AS details,
+                   0.5 AS priority
             FROM _recs rec LEFT JOIN identity.xref x
               ON x.entity = {e} AND x.system = rec.system AND x.record_key = rec.record_key
             WHERE {all_set}
@@ -459,8 +686,8 @@ def _move(r: _Run, system: str, key: str, xid: str, rule: str, action: str, note
         con.execute("DELETE FROM identity.xref WHERE entity = ? AND system = ? AND record_key = ?", [r.entity, system, key])
         con.execute("INSERT INTO identity.xref_history VALUES (?, ?, ?, ?, 'unlink', ?, NULL, NULL, ?, ?, ?)",
                     [r.entity, prev[0], system, key, rule, r.run_id, r.run_at, note])
-    con.execute("INSERT INTO identity.xref VALUES (?, ?, ?, ?, ?, 1.0, ?, ?)",
-                [xid, r.entity, system, key, rule, r.run_id, r.run_at])
+    con.execute("INSERT INTO identity.xref (xid, entity, system, record_key, rule, confidence, run_id, linked_at) "
+                "VALUES (?, ?, ?, ?, ?, 1.0, ?, ?)", [xid, r.entity, system, key, rule, r.run_id, r.run_at])
     con.execute("INSERT INTO identity.xref_history VALUES (?, ?, ?, ?, ?, ?, 1.0, ?, ?, ?, ?)",
                 [r.entity, xid, system, key, action, rule, prev[0] if prev else None, r.run_id, r.run_at, note])
 
@@ -512,7 +739,7 @@ def _apply_decisions(r: _Run) -> None:
         r.stats["decisions"] += 1
 
 
-def _summary(r: _Run) -> dict:
+def _summary(r: _Run, spec: ModelSpec | None) -> dict:
     con, e = r.con, r.entity
     by_rule = dict(con.execute("""SELECT rule, count(*) FROM identity.xref_history
                                   WHERE entity = ? AND run_id = ? AND action IN ('link', 'merge', 'split')
@@ -542,7 +769,16 @@ def _summary(r: _Run) -> dict:
         "active_xids": totals[0],
         "linked_records": linked_records,
         "unlinked_records": unlinked,
+        "auto_links": sum(n for rule, n in by_rule.items() if rule in _model_rule_names(r)),
+        "review_band": r.stats["review_band"],
+        "minted": by_rule.get("minted", 0) + by_rule.get("minted_orphan", 0),
+        "pairs_scored": r.stats["pairs_scored"],
+        "model": r.stats.get("model"),
     }
+
+
+def _model_rule_names(r: _Run) -> set[str]:
+    return {"match:" + rule.name for rule in match_rules(r.cfg, r.entity) if rule.type == "probabilistic"}
 
 
 def xid_identities_sql(cfg: Config, entity: str, owner: str) -> str:

@@ -183,7 +183,7 @@ def _record(con, entity: str, target: str, run_id: str, outcomes: list[dict]) ->
                               record_key = coalesce(c.record_key, o.new_key)
                        FROM _outcomes o WHERE c.change_id = o.change_id""", [now])
         # A record we created is ours for certain: link it now, so the next run never creates it twice.
-        con.execute("""INSERT INTO identity.xref
+        con.execute("""INSERT INTO identity.xref (xid, entity, system, record_key, rule, confidence, run_id, linked_at)
                        SELECT c.xid, c.entity, c.target, c.record_key, 'created', 1.0, c.run_id, ?
                        FROM audit.changes c JOIN _outcomes o USING (change_id)
                        WHERE c.operation = 'create' AND o.status = 'applied' AND c.record_key IS NOT NULL

@@ -212,9 +212,33 @@ TABLES = [
         record_key VARCHAR NOT NULL,
         rule VARCHAR NOT NULL,            -- what made the link: minted, stored_xid, external_id:<sys>, match:<rule>,
                                           --   decision:<action>
-        confidence DOUBLE NOT NULL,       -- 1.0 for deterministic links; the score for probabilistic ones
+        confidence DOUBLE NOT NULL,       -- 1.0 for deterministic links; the match probability for model links
         run_id VARCHAR NOT NULL,
         linked_at TIMESTAMP NOT NULL,
+        evidence JSON,                    -- why: per compared field {a, b, weight}, plus _probability, _weight and
+                                          --   _with (the record it was scored against); NULL when nothing was scored
+        PRIMARY KEY (entity, system, record_key)
+    )""",
+    """CREATE TABLE IF NOT EXISTS identity.model (
+        entity VARCHAR NOT NULL,
+        run_id VARCHAR NOT NULL,          -- the run that used it (one row per run that scored records)
+        status VARCHAR NOT NULL,          -- trained (this run) | reused (trained by trained_run_id)
+        trained_run_id VARCHAR NOT NULL,
+        signature VARCHAR NOT NULL,       -- compared fields and blocking rules: a model is reused only for the same
+        records BIGINT NOT NULL,          -- records it was trained on / applied to
+        link_threshold DOUBLE NOT NULL,
+        review_threshold DOUBLE NOT NULL,
+        parameters JSON NOT NULL,         -- Splink's model JSON: comparisons, levels, m and u, prior, blocking rules
+        m_u JSON NOT NULL,                -- per compared field, its levels with m and u (readable summary)
+        created_at TIMESTAMP NOT NULL,
+        PRIMARY KEY (entity, run_id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS identity.fingerprints (
+        entity VARCHAR NOT NULL,
+        system VARCHAR NOT NULL,
+        record_key VARCHAR NOT NULL,
+        fingerprint VARCHAR NOT NULL,     -- md5 of the compared values (and model signature) when last scored
+        run_id VARCHAR NOT NULL,          -- the run that scored it
         PRIMARY KEY (entity, system, record_key)
     )""",
     """CREATE TABLE IF NOT EXISTS identity.xref_history (

@@ -1,0 +1,370 @@
+"""The Fellegi-Sunter match model of identity resolution, trained and applied with Splink (DuckDB backend).
+
+Called by stages/identity.py (and `check-config`, which prints the derived model). Three things live here:
+  - `model_spec`: which fields are compared and which blocking rules make candidate pairs, from the
+    entity's `match:` rules or, without them, derived from the canonical fields two or more systems map;
+  - `train`: m and u probabilities estimated from the records themselves (u from random pairs, m by
+    expectation maximisation on blocked pairs), term-frequency adjustments, a prior from the exact rules;
+    the result is a plain JSON dict (Splink's model format) that identity.model stores per run;
+  - `score`: match probability and per-field match weights for the blocked pairs of the records that are
+    new or changed this run, against every record (incremental: cost follows what changed).
+
+Splink runs in its own in-memory DuckDB connection; records go in and scored pairs come out as Arrow
+tables, so nothing of Splink's working tables ever lands in the warehouse.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+
+from ..config.models import Config
+
+# Canonical field names the default model knows how to compare (and the kind of comparison).
+FIELD_KINDS = {
+    "email": "email", "email_address": "email",
+    "phone": "phone", "mobile": "phone", "phone_number": "phone",
+    "first_name": "first_name", "firstname": "first_name", "given_name": "first_name", "forename": "first_name",
+    "last_name": "last_name", "lastname": "last_name", "surname": "last_name", "family_name": "last_name",
+    "company": "company", "company_name": "company", "organisation": "company", "organization": "company",
+    "birth_date": "exact", "date_of_birth": "exact", "postcode": "exact", "zip": "exact", "city": "fuzzy",
+}
+FULL_NAME = "_full_name"
+# Below this many records m stays at Splink's defaults (EM needs enough pairs to learn from; on a handful of
+# records it would only fit noise, slowly): u is still estimated, term frequencies still apply.
+MIN_EM_RECORDS = 2_000
+MIN_U_RECORDS = 1_000  # below: starting u values, no term-frequency adjustments
+EM_ITERATIONS = 10  # derived column: first and last name, for term frequencies on the whole name
+
+
+@dataclass
+class ModelSpec:
+    """What the model compares and how candidate pairs are found."""
+
+    fields: list[str]                                  # compared canonical fields, in order
+    blocking: list[list[str]]                          # a pair shares the values of every field of one entry
+    link_threshold: float = 0.999
+    review_threshold: float = 0.9
+    derived: bool = False                              # True when made from the fields (no `match:`)
+    names: tuple[str, str] | None = None               # (first, last) fields, when both are compared
+    exact_fields: set[str] = field(default_factory=set)  # compared by equality only (the rules' `exact`)
+
+    @property
+    def signature(self) -> str:
+        """Changes whenever the comparisons or blocking change: a stored model is reused only for the same."""
+        text = json.dumps({"fields": self.fields, "blocking": self.blocking, "names": self.names,
+                           "exact": sorted(self.exact_fields), "version": 1}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _kind(name: str) -> str | None:
+    return FIELD_KINDS.get(name.lower())
+
+
+def mapped_by(cfg: Config, entity: str) -> dict[str, list[str]]:
+    """Canonical field -> the systems that map it."""
+    ent = cfg.entities[entity]
+    out: dict[str, list[str]] = {}
+    for system, source in sorted(ent.sources.items()):
+        for f in source.fields:
+            out.setdefault(f, []).append(system)
+    return out
+
+
+def default_rules(cfg: Config, entity: str) -> list:
+    """The `match:` rules an entity gets when it has none: exact email (name-checked), plus a probabilistic
+    rule over the identity fields that at least two systems map, blocking chosen from them."""
+    from ..config.models import MatchRule
+
+    ent = cfg.entities[entity]
+    shared = [f for f, systems in mapped_by(cfg, entity).items()
+              if len(systems) >= 2 and _kind(f) and ent.fields.get(f) and ent.fields[f].type in ("string", "date")]
+    by_kind: dict[str, str] = {}
+    for f in shared:
+        by_kind.setdefault(_kind(f), f)
+    rules = []
+    if "email" in by_kind:
+        rules.append(MatchRule(name=by_kind["email"], type="exact", fields=[by_kind["email"]]))
+    if len(shared) >= 2:
+        blocks: list = []
+        for kinds in (("email",), ("phone",), ("first_name", "last_name"), ("last_name", "company")):
+            if all(k in by_kind for k in kinds):
+                entry = [by_kind[k] for k in kinds]
+                blocks.append(entry[0] if len(entry) == 1 else entry)
+        if blocks:
+            rules.append(MatchRule(name="default", type="probabilistic", fields=shared, block_on=blocks,
+                                   exact=[by_kind["phone"]] if "phone" in by_kind else []))
+    return rules
+
+
+def match_rules(cfg: Config, entity: str) -> list:
+    """The entity's `match:` rules, or the derived default ones when it has none."""
+    ent = cfg.entities[entity]
+    return list(ent.match) if ent.match else default_rules(cfg, entity)
+
+
+def model_spec(cfg: Config, entity: str) -> ModelSpec | None:
+    """The model over every field the rules compare; None when no rule is probabilistic."""
+    ent = cfg.entities[entity]
+    rules = match_rules(cfg, entity)
+    prob = [r for r in rules if r.type == "probabilistic"]
+    if not prob:
+        return None
+    fields: list[str] = []
+    blocking: list[list[str]] = []
+    exact: set[str] = set()
+    for r in rules:
+        fields += r.fields
+        if r.type == "exact":
+            blocking.append(list(r.fields))
+        else:
+            exact |= set(r.exact)
+            blocking += [e if isinstance(e, list) else [e] for e in r.block_on]
+    fields = list(dict.fromkeys(fields))
+    blocking = [list(b) for b in dict.fromkeys(tuple(b) for b in blocking)]
+    firsts = [f for f in fields if _kind(f) == "first_name"]
+    lasts = [f for f in fields if _kind(f) == "last_name"]
+    links = [r.link_threshold for r in prob if r.link_threshold is not None]
+    reviews = [r.review_threshold for r in prob if r.review_threshold is not None]
+    return ModelSpec(fields=fields, blocking=blocking,
+                     link_threshold=max(links) if links else ent.identity.link_threshold,
+                     review_threshold=min(reviews) if reviews else ent.identity.review_threshold,
+                     derived=not ent.match,
+                     names=(firsts[0], lasts[0]) if firsts and lasts else None, exact_fields=exact)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Splink
+# ----------------------------------------------------------------------------------------------------------
+
+def _splink():
+    try:
+        import splink
+        import splink.comparison_library as cl
+    except ImportError as exc:  # pragma: no cover - splink is pinned in requirements.txt
+        raise ImportError("identity resolution needs Splink: pip install 'splink>=5,<6'") from exc
+    return splink, cl
+
+
+# Starting values (m, u per non-null level, best level first) for each kind of comparison: what a model
+# holds before it is trained, and keeps where the data is too small to estimate from (docs/identity.md).
+_START = {
+    "exact": ([0.9, 0.1], [0.0001, 0.9999]),
+    "full_name": ([0.82, 0.02, 0.06, 0.02, 0.03, 0.03, 0.02], [0.00001, 0.000001, 0.00001, 0.00005, 0.005, 0.01, 0.98494]),
+    "name": ([0.85, 0.06, 0.03, 0.03, 0.03], [0.005, 0.001, 0.002, 0.01, 0.982]),
+    "fuzzy": ([0.75, 0.08, 0.05, 0.12], [0.005, 0.001, 0.004, 0.99]),
+}
+
+
+def _comparisons(spec: ModelSpec, tf: bool) -> list:
+    _, cl = _splink()
+    out = []
+    for f in spec.fields:
+        if spec.names and f in spec.names:
+            if f == spec.names[0]:
+                m, u = _START["full_name"]
+                out.append(cl.ForenameSurnameComparison(spec.names[0], spec.names[1],
+                                                        forename_surname_concat_col_name=FULL_NAME if tf else None)
+                           .configure(m_probabilities=m, u_probabilities=u))
+            continue
+        kind = _kind(f)
+        if kind in ("email", "phone") or f in spec.exact_fields or kind == "exact":
+            m, u = _START["exact"]
+            out.append(cl.ExactMatch(f).configure(term_frequency_adjustments=tf and kind in ("email", "phone"),
+                                                  m_probabilities=m, u_probabilities=u))
+        elif kind in ("first_name", "last_name"):
+            m, u = _START["name"]
+            out.append(cl.NameComparison(f).configure(term_frequency_adjustments=tf, m_probabilities=m,
+                                                      u_probabilities=u))
+        else:
+            m, u = _START["fuzzy"]
+            out.append(cl.JaroWinklerAtThresholds(f, [0.92, 0.8]).configure(m_probabilities=m, u_probabilities=u))
+    return out
+
+
+def _block_sql(entry: list[str]) -> str:
+    return " AND ".join(f'l."{f}" = r."{f}"' for f in entry)
+
+
+def _settings(spec: ModelSpec, tf: bool) -> dict:
+    splink, _ = _splink()
+    creator = splink.SettingsCreator(
+        link_type="dedupe_only", unique_id_column_name="rid",
+        comparisons=_comparisons(spec, tf),
+        blocking_rules_to_generate_predictions=[_block_sql(b) for b in spec.blocking],
+        additional_columns_to_retain=["system", "grp"],
+        retain_intermediate_calculation_columns=True,
+        probability_two_random_records_match=0.0001,
+        max_iterations=EM_ITERATIONS,
+    )
+    return creator.get_settings("duckdb").as_dict()
+
+
+def _db(records):
+    """A private in-memory DuckDB for Splink, holding the records as `recs`."""
+    import duckdb
+
+    splink, _ = _splink()
+    con = duckdb.connect()
+    con.execute("SET preserve_insertion_order = false")
+    con.register("_recs_arrow", records)
+    con.execute("CREATE TABLE recs AS SELECT * FROM _recs_arrow")
+    con.unregister("_recs_arrow")
+    return con, splink.DuckDBAPI(connection=con)
+
+
+def _person_term_frequencies(con, db, linker, model: dict) -> None:
+    """Term frequencies among people, not records: records of one group (`grp`: the xid a record is already
+    linked to, else its exact-rule key, else itself) count once. Splink's own counts every record, so a
+    person held by three systems makes their own phone look three times as common as it is."""
+    cols = sorted({lv["tf_adjustment_column"] for c in model["comparisons"] for lv in c["comparison_levels"]
+                   if lv.get("tf_adjustment_column")})
+    for col in cols:
+        name = f"tf_{col}"
+        con.execute(f"""CREATE OR REPLACE TABLE "{name}" AS
+                        SELECT "{col}", CAST(count(DISTINCT grp) AS DOUBLE)
+                               / (SELECT count(DISTINCT grp) FROM recs WHERE "{col}" IS NOT NULL) AS "tf_{col}"
+                        FROM recs WHERE "{col}" IS NOT NULL GROUP BY ALL""")
+        linker.table_management.register_term_frequency_lookup(db.register(name), col)
+
+
+def train(records, spec: ModelSpec, previous: dict | None = None) -> dict:
+    """Estimate the model's parameters on `records` (Arrow: rid, system, grp, the spec's fields, _full_name).
+
+    u from random record pairs, m by expectation maximisation on the pairs of each blocking rule (the
+    rule's own fields keep their previous or default m), the prior from the exact rules' matches. With a
+    previous model of the same spec, EM starts from its m values. Returns Splink's model JSON.
+    """
+    splink, _ = _splink()
+    con, db = _db(records)
+    n = records.num_rows
+    try:
+        # Term frequencies, like u, mean something only over enough records.
+        settings = previous or _settings(spec, tf=n >= MIN_U_RECORDS)
+        linker = splink.Linker(db.register("recs"), settings, log_level=logging.ERROR)
+        _person_term_frequencies(con, db, linker, linker.misc.save_model_to_json())
+        exact_rules = [_block_sql(b) + ' AND l."system" <> r."system"' for b in spec.blocking if len(b) == 1
+                       and _kind(b[0]) == "email"]
+        # The prior: matches found by the exact rules, scaled up for the ones they miss; on few records (or
+        # without an exact rule) one match per record is assumed.
+        settings_prior = 1.0 / max(n - 1, 1)
+        linker._settings_obj._probability_two_random_records_match = settings_prior
+        if exact_rules and n >= MIN_U_RECORDS:
+            try:
+                linker.training.estimate_probability_two_random_records_match(exact_rules, recall=0.8)
+            except Exception:  # no match found to estimate from: the assumed prior stays
+                pass
+            if not linker._settings_obj._probability_two_random_records_match > 0:
+                linker._settings_obj._probability_two_random_records_match = settings_prior
+        if n >= MIN_U_RECORDS:
+            linker.training.estimate_u_using_random_sampling(max_pairs=min(2e6, max(1e5, n * 2.0)), seed=1)
+        sample = min(1.0, 300_000 / max(n, 1))
+        for b in (spec.blocking if n >= MIN_EM_RECORDS else []):
+            try:
+                linker.training.estimate_parameters_using_expectation_maximisation(
+                    _block_sql(b), record_sample_proportion=sample)
+            except Exception:  # a rule without enough pairs to learn from: those m values stay as they are
+                continue
+        return linker.misc.save_model_to_json()
+    finally:
+        con.close()
+
+
+def m_u(model: dict) -> dict[str, list[dict]]:
+    """Per comparison, its levels with m and u: what a person reads to see what the model learned."""
+    out = {}
+    for c in model["comparisons"]:
+        out[c["output_column_name"]] = [
+            {"level": lv.get("label_for_charts"), "m": lv.get("m_probability"), "u": lv.get("u_probability")}
+            for lv in c["comparison_levels"] if not lv.get("is_null_level")]
+    return out
+
+
+def score(records, fresh, model: dict, spec: ModelSpec):
+    """Blocked pairs of every fresh record (rid in the Arrow table `fresh`) with every record, scored.
+
+    Pairs of two fresh records are scored once; a fresh record is never paired with itself. Returns an
+    Arrow table (rid_l, rid_r, system_l, system_r, probability, weight, evidence, evidence_rev) with every
+    scored pair: evidence is JSON {field: {a, b, weight}} with a the left record (evidence_rev: the right);
+    term frequencies come from all records, counted per person (`_person_term_frequencies`).
+    """
+    splink, _ = _splink()
+    con, db = _db(records)
+    try:
+        con.register("_fresh_arrow", fresh)
+        con.execute("CREATE TABLE fresh_ids AS SELECT DISTINCT rid FROM _fresh_arrow")
+        con.execute("CREATE TABLE fresh AS SELECT r.* FROM recs r SEMI JOIN fresh_ids USING (rid)")
+        con.execute("CREATE TABLE rest AS SELECT r.* FROM recs r ANTI JOIN fresh_ids USING (rid)")
+        linker = splink.Linker(db.register("recs"), model, log_level=logging.ERROR)
+        _person_term_frequencies(con, db, linker, model)
+        parts = [linker.inference.predict_within(db.register("fresh"), warning_mode="never")]
+        if con.execute("SELECT count(*) FROM rest").fetchall()[0][0]:
+            parts.append(linker.inference.predict_between(db.register("fresh"), db.register("rest"),
+                                                          warning_mode="never"))
+        names = [c["output_column_name"] for c in model["comparisons"]]
+        cols = {c for p in parts for c in p.as_duckdbpyrelation().columns}
+
+        def side(name: str, s: str) -> str:
+            if name == FULL_NAME or f"{name}_{s}" not in cols:
+                return "NULL"
+            return f'"{name}_{s}"'
+
+        ev_fields = []
+        for name in names:
+            weight = f'"mw_{name}"' + (f' + coalesce("mw_tf_adj_{name}", 0)' if f"mw_tf_adj_{name}" in cols else "")
+            if spec.names and name == f"{spec.names[0]}_{spec.names[1]}":
+                a = f"concat_ws(' ', {side(spec.names[0], 'l')}, {side(spec.names[1], 'l')})"
+                b = f"concat_ws(' ', {side(spec.names[0], 'r')}, {side(spec.names[1], 'r')})"
+            else:
+                a, b = side(name, "l"), side(name, "r")
+            ev_fields.append((name, a, b, f"round({weight}, 2)"))
+
+        def evidence(flip: bool) -> str:
+            return "CAST(to_json(struct_pack(" + ", ".join(
+                f'"{n}" := struct_pack(a := {b if flip else a}, b := {a if flip else b}, weight := {w})'
+                for n, a, b, w in ev_fields) + ")) AS VARCHAR)"
+        union = " UNION ALL ".join(
+            f"""SELECT rid_l, rid_r, system_l, system_r, match_probability AS probability,
+                       round(match_weight, 2) AS weight, {evidence(False)} AS evidence,
+                       {evidence(True)} AS evidence_rev
+                FROM {p.physical_name}""" for p in parts)
+        con.execute(f"CREATE TABLE scored AS {union}")
+        return con.table("scored").to_arrow_table()
+    finally:
+        con.close()
+
+
+def comparison_names(model: dict) -> list[str]:
+    return [c["output_column_name"] for c in model["comparisons"]]
+
+
+def describe(cfg: Config, entity: str) -> tuple[list[str], list[str]]:
+    """For `check-config`: (the derived rules as text when the entity has no `match:`, warnings about
+    sources that can never link to another system)."""
+    ent = cfg.entities[entity]
+    rules = match_rules(cfg, entity)
+    lines = []
+    if not ent.match:
+        if not rules:
+            lines.append(f"entity {entity}: no match: rules, and no identity field (email, phone, names, company) "
+                         f"is mapped by two systems: records link only by stored ids")
+        for r in rules:
+            if r.type == "exact":
+                lines.append(f"entity {entity}: derived rule {r.name}: exact on {', '.join(r.fields)} "
+                             f"(one-to-one, names must not contradict)")
+            else:
+                blocks = "; ".join(" + ".join(b if isinstance(b, list) else [b]) for b in r.block_on)
+                lines.append(f"entity {entity}: derived rule {r.name}: match model over {', '.join(r.fields)}; "
+                             f"blocking on {blocks}")
+    keys = [list(r.fields) for r in rules if r.type == "exact"]
+    keys += [e if isinstance(e, list) else [e] for r in rules if r.type == "probabilistic" for e in r.block_on]
+    warnings = []
+    for system, source in sorted(ent.sources.items()):
+        stored = bool(source.external_ids) or any(system in s.external_ids for s in ent.sources.values())
+        shared = any(all(f in source.fields and f in other.fields for f in key)
+                     for key in keys for o, other in ent.sources.items() if o != system)
+        if not stored and not shared:
+            warnings.append(f"entities.{entity}.sources.{system}: can never link to another system: it shares no "
+                            f"match key or blocking fields with any other source and has no external_ids")
+    return lines, warnings
