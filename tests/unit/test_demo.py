@@ -196,7 +196,8 @@ def test_variants_of_one_person_across_the_three_systems(demo):
     with connect(demo, "marketing") as con:
         mkt = con.execute("SELECT email, phone FROM contacts WHERE lastname = 'Berg' AND firstname = 'Anna'").fetchall()
     with connect(demo, "erp") as con:
-        erp = con.execute("SELECT email, phone FROM customer WHERE last_name = 'Berg' AND first_name = 'Anna'").fetchall()
+        erp = con.execute("SELECT email, phone FROM customer WHERE last_name = 'Berg' AND first_name = 'Anna' "
+                          "AND email IS NOT NULL").fetchall()  # the other Anna Berg (common_name) has none
     assert crm == [(" Anna.Berg@Example.com ", "+1 415-555-0134")]
     assert mkt == [("anna.berg@example.com", "4155550134")]
     assert erp == [("Anna.Berg@example.com", "(415) 555 0134")]

@@ -257,6 +257,13 @@ def train(records, spec: ModelSpec, previous: dict | None = None) -> dict:
                 pass
             if not linker._settings_obj._probability_two_random_records_match > 0:
                 linker._settings_obj._probability_two_random_records_match = settings_prior
+            # Matches are (almost) all between systems, and those are the pairs the model decides on: the
+            # prior is per cross-system pair, not per pair of any two records.
+            sizes = con.execute("SELECT count(*) FROM recs GROUP BY system").fetchall()
+            cross = (n * n - sum(c * c for (c,) in sizes)) / 2
+            if cross > 0:
+                linker._settings_obj._probability_two_random_records_match = min(
+                    0.5, linker._settings_obj._probability_two_random_records_match * (n * (n - 1) / 2) / cross)
         if n >= MIN_U_RECORDS:
             linker.training.estimate_u_using_random_sampling(max_pairs=min(2e6, max(1e5, n * 2.0)), seed=1)
         sample = min(1.0, 300_000 / max(n, 1))
