@@ -1,8 +1,12 @@
 """SQL connector: any database SQLAlchemy can reach (SQLite, PostgreSQL, MariaDB/MySQL, ...).
 
-Reads stream with server-side cursors where the driver has them and arrive as Arrow tables of strings:
-the raw values exactly as the source holds them, typed later in DuckDB where bad values are quarantined
-rather than dropped.
+Reads arrive as Arrow tables of strings: the raw values exactly as the source holds them, typed later in
+DuckDB where bad values are quarantined rather than dropped. SQLite and PostgreSQL are read columnar through
+their ADBC drivers (Arrow batches straight from the driver, converted to text by Arrow compute kernels);
+other dialects, and sources whose column types the columnar path does not render exactly like the row path
+(SQLite columns holding several storage classes, BLOBs, PostgreSQL uuid/json/arrays/...), stream through
+SQLAlchemy with server-side cursors. Both paths give the same strings (tests/unit/test_extract_types.py).
+Writes (`SqlWriter`) always go through SQLAlchemy. `extract_source` (stages/extract.py) is the reader's caller.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from collections.abc import Iterator
 from datetime import datetime
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
@@ -70,25 +75,80 @@ class SqlConnector:
         except Exception as e:
             raise self._fail("cannot read columns", e) from None
 
-    def read_batches(self, source: SourceConfig, columns: list[str], since: datetime | None,
-                     batch_size: int) -> Iterator[pa.Table]:
-        src = self._selectable(source)
-        cols = [sa.column(c) for c in columns]
-        stmt = sa.select(*cols).select_from(src)
+    def statement(self, source: SourceConfig, columns: list[str], since: datetime | None) -> sa.Select:
+        """The read: these columns, rows modified since `since` (incremental) or every row in key order."""
+        stmt = sa.select(*[sa.column(c) for c in columns]).select_from(self._selectable(source))
         if since is not None and source.modified_at:
             stmt = stmt.where(sa.column(source.modified_at) >= sa.bindparam("since", since, type_=sa.DateTime()))
         if source.modified_at is None or since is None:
             stmt = stmt.order_by(sa.column(source.key))
+        return stmt
+
+    def read_batches(self, source: SourceConfig, columns: list[str], since: datetime | None,
+                     batch_size: int) -> Iterator[pa.Table]:
+        stmt = self.statement(source, columns, since)
         try:
-            with self.engine.connect() as conn:
-                result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(stmt)
-                for rows in result.partitions(batch_size):
-                    yield _to_arrow(columns, rows)
+            yield from self._columnar(stmt, columns, batch_size) or self._rows(stmt, columns, batch_size)
         except Exception as e:
             raise self._fail(f"cannot read {source.table or 'query'}", e) from None
 
     def writer(self, source: SourceConfig) -> SqlWriter:
         return SqlWriter(self, source)
+
+    def _rows(self, stmt, columns: list[str], batch_size: int) -> Iterator[pa.Table]:
+        """The row path: a server-side cursor through SQLAlchemy, each batch converted column by column."""
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(stmt)
+            for rows in result.partitions(batch_size):
+                yield _to_arrow(columns, rows)
+
+    def _columnar(self, stmt, columns: list[str], batch_size: int) -> Iterator[pa.Table] | None:
+        """The ADBC reader for this statement, or None where the row path must read it (see module doc)."""
+        backend = self.engine.dialect.name
+        u = self.engine.url
+        if backend == "sqlite" and u.database and u.database != ":memory:" and not u.database.startswith("file:"):
+            import adbc_driver_sqlite.dbapi as adbc
+
+            if not self._sqlite_uniform(stmt, columns):
+                return None
+            conn = adbc.connect(u.database)
+            options = {"adbc.sqlite.query.batch_rows": str(batch_size)}
+        elif backend == "postgresql" and u.drivername in ("postgresql", "postgresql+psycopg2", "postgresql+psycopg"):
+            import adbc_driver_postgresql.dbapi as adbc
+
+            conn = adbc.connect(u.set(drivername="postgresql").render_as_string(hide_password=False))
+            options = {}
+        else:
+            return None
+        sql = str(stmt.compile(dialect=self.engine.dialect, compile_kwargs={"literal_binds": True}))
+        try:
+            cur = conn.cursor()
+            if options:
+                cur.adbc_statement.set_options(**options)
+            cur.execute(sql)
+            reader = cur.fetch_record_batch()
+            if not all(_columnar_type(f.type) for f in reader.schema):
+                cur.close()
+                conn.close()
+                return None
+        except BaseException:
+            conn.close()
+            raise
+        return _columnar_batches(conn, cur, reader, columns, batch_size)
+
+    def _sqlite_uniform(self, stmt, columns: list[str]) -> bool:
+        """True when every column holds one SQLite storage class (besides NULL) and no BLOB: the ADBC driver
+        types a column by its first rows and fails on a later row of another class, and the row path renders
+        mixed columns value by value. One scan of the source, far cheaper than reading it row by row."""
+        sub = stmt.order_by(None).subquery("src")
+        probes = []
+        for c in columns:
+            t = sa.func.typeof(sub.c[c])
+            probes.append(sa.func.count(sa.distinct(sa.case((t != "null", t)))))
+            probes.append(sa.func.coalesce(sa.func.max(sa.case((t == "blob", 1), else_=0)), 0))
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(*probes)).one()
+        return all(row[i] <= 1 for i in range(0, len(row), 2)) and not any(row[i] for i in range(1, len(row), 2))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -132,6 +192,66 @@ def _strings(values: list) -> pa.Array:
         # Mixed types in one column (SQLite allows it) or exotic types: fall back to str().
         return pa.array([None if v is None else (v.hex() if isinstance(v, bytes) else str(v)) for v in values],
                         type=pa.string())
+
+
+def _columnar_type(t: pa.DataType) -> bool:
+    """Arrow types the columnar path renders exactly as the row path does."""
+    if isinstance(t, pa.BaseExtensionType):
+        # PostgreSQL numeric arrives as its own text ('12.50'), what psycopg2's Decimal renders for a
+        # declared scale; other extension types (uuid, json, ...) go the row path.
+        return getattr(t, "type_name", None) == "numeric" and pa.types.is_string(t.storage_type)
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t) or pa.types.is_boolean(t)
+            or pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+            or pa.types.is_date32(t) or pa.types.is_timestamp(t))
+
+
+def _columnar_batches(conn, cur, reader: pa.RecordBatchReader, columns: list[str],
+                      batch_size: int) -> Iterator[pa.Table]:
+    """Driver batches -> Arrow tables of strings, re-cut to `batch_size` rows; closes the connection."""
+    try:
+        pending: list[pa.RecordBatch] = []
+        rows = 0
+        for batch in reader:
+            pending.append(batch)
+            rows += batch.num_rows
+            while rows >= batch_size:
+                table = pa.Table.from_batches(pending, reader.schema)
+                yield _text_table(table.slice(0, batch_size), columns)
+                rest = table.slice(batch_size)
+                pending, rows = rest.to_batches(), rest.num_rows
+        if rows:
+            yield _text_table(pa.Table.from_batches(pending, reader.schema), columns)
+    finally:
+        cur.close()
+        conn.close()
+
+
+def _text_table(table: pa.Table, columns: list[str]) -> pa.Table:
+    return pa.table([_text(table.column(i)) for i in range(len(columns))], names=columns)
+
+
+def _text(arr: pa.ChunkedArray) -> pa.ChunkedArray:
+    """One column as the row path's strings, by Arrow kernels (no Python per value)."""
+    t = arr.type
+    if isinstance(t, pa.BaseExtensionType):
+        arr = pa.chunked_array([c.storage for c in arr.chunks], t.storage_type)
+        t = t.storage_type
+    if pa.types.is_timestamp(t):
+        return _iso_timestamps(arr)
+    return arr.cast(pa.string())
+
+
+def _iso_timestamps(arr: pa.ChunkedArray) -> pa.ChunkedArray:
+    """datetime.isoformat(sep=' '): seconds, '.ffffff' only when there are microseconds, '+00:00' when zoned
+    (ADBC delivers zoned values in UTC)."""
+    zoned = arr.type.tz is not None
+    us = arr.cast(pa.timestamp("us", arr.type.tz)).cast(pa.timestamp("us"))
+    secs = pc.floor_temporal(us, unit="second")
+    text = pc.strftime(secs.cast(pa.timestamp("s")), format="%Y-%m-%d %H:%M:%S")
+    micros = pc.subtract(us.cast(pa.int64()), secs.cast(pa.int64()))
+    fraction = pc.if_else(pc.equal(micros, 0), "",
+                          pc.binary_join_element_wise(".", pc.utf8_lpad(micros.cast(pa.string()), 6, "0"), ""))
+    return pc.binary_join_element_wise(text, fraction, "+00:00" if zoned else "", "")
 
 
 class SqlWriter:

@@ -169,32 +169,34 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
                       AND (b.field = '*' OR b.field = c.field
                            -- a create or archive carries every field: any block on the target stops it
                            OR c.operation IN ('create', 'archive'))""")
-    # Target-rule pre-check: the target's unique fields in its planned state.
+    # Target-rule pre-check: the target's unique fields in its planned state. Every planned value carries the
+    # change that would write it, so the changes to hold are found by equi-joins (never a join on an OR).
     for ufield in sysconf.unique:
         if ufield not in source.fields:
             continue
         col = source.fields[ufield].column
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE _planned_state AS
-            WITH upd AS (SELECT record_key, after_value FROM audit.changes
+            WITH upd AS (SELECT record_key, change_id, after_value FROM audit.changes
                          WHERE run_id = {r} AND entity = {e} AND target = {t} AND status = 'planned'
                            AND operation = 'update' AND field = {sql_literal(ufield)})
-            SELECT s._record_key AS record_key, NULL::VARCHAR AS change_id,
-                   lower(coalesce(u.after_value, CAST(s.{q(ufield)} AS VARCHAR))) AS v,
-                   u.record_key IS NOT NULL AS changed
+            SELECT CASE WHEN u.after_value IS NOT NULL THEN u.change_id END AS change_id,
+                   lower(coalesce(u.after_value, CAST(s.{q(ufield)} AS VARCHAR))) AS v
             FROM {st} s LEFT JOIN upd u ON u.record_key = s._record_key
             UNION ALL
-            SELECT NULL, change_id, lower(CAST(after_raw AS JSON)->>{sql_literal(col)}), TRUE FROM audit.changes
+            SELECT change_id, lower(CAST(after_raw AS JSON)->>{sql_literal(col)}) FROM audit.changes
             WHERE run_id = {r} AND entity = {e} AND target = {t} AND status = 'planned' AND operation = 'create'
         """)
         con.execute(f"""
             UPDATE audit.changes c SET status = 'held',
                    reason = 'would break the unique {ufield} rule of {target}: ' || p.v || ' would be held by '
                             || p.n || ' records'
-            FROM (SELECT v, count(*) AS n FROM _planned_state WHERE v IS NOT NULL GROUP BY v HAVING count(*) > 1) p
+            FROM (SELECT s.change_id, d.v, d.n FROM _planned_state s
+                  JOIN (SELECT v, count(*) AS n FROM _planned_state WHERE v IS NOT NULL
+                        GROUP BY v HAVING count(*) > 1) d ON d.v = s.v
+                  WHERE s.change_id IS NOT NULL) p
             WHERE c.run_id = {r} AND c.entity = {e} AND c.target = {t} AND c.status = 'planned'
-              AND ((c.operation = 'update' AND c.field = {sql_literal(ufield)} AND lower(c.after_value) = p.v)
-                OR (c.operation = 'create' AND lower(CAST(c.after_raw AS JSON)->>{sql_literal(col)}) = p.v))
+              AND c.change_id = p.change_id
         """)
 
 
