@@ -214,3 +214,47 @@ def test_picklist_of_a_map_to_booleans_compares_values_as_staged(gate_cfg, proje
     assert result["threshold"]["value_set"] == ["false", "true"]
     bad = validate(cfg, rows[:-1] + [(rows[-1][0], rows[-1][1], rows[-1][2], "True", rows[-1][4])])
     assert not bad["picklist:lifecycle"]["success"]
+
+
+def _validated(cfg, run_id: str) -> dict[str, tuple]:
+    con = duckdb.connect(str(cfg.warehouse_path), read_only=True)
+    try:
+        return {s: (n, v) for s, n, v in con.execute(
+            "SELECT system, rows_validated, validation FROM audit.sync_health WHERE run_id = ?", [run_id]).fetchall()}
+    finally:
+        con.close()
+
+
+def test_row_gates_validate_only_changed_rows_and_a_bad_changed_row_fails(project):
+    text = BASE_CONFIG.replace("first_name: {owner: crm, send_to: [marketing]}",
+                               "first_name: {owner: crm, send_to: [marketing], required: true}")
+    (project / "reconcile.yaml").write_text(text)
+    cfg = load_config(project / "reconcile.yaml")
+    crm = project / "systems" / "crm.db"
+    night = iter(range(1, 10))
+
+    def run(run_id: str) -> dict:
+        return runner.run_entity(cfg, "contact", run_id=run_id, run_at=datetime(2026, 3, next(night), 2))
+
+    assert run("r1")["gates"]["failed"] == 0
+    assert _validated(cfg, "r1") == {"crm": (3, "full"), "marketing": (2, "full")}
+
+    sqlite_exec(crm, "UPDATE contact SET firstname = 'Bobby', modifiedon = '2026-02-20 10:00:00' WHERE contactid = 'c2'")
+    assert run("r2")["gates"]["failed"] == 0
+    assert _validated(cfg, "r2") == {"crm": (1, "changed"), "marketing": (0, "changed")}  # c2 only
+
+    sqlite_exec(crm, "UPDATE contact SET firstname = NULL, modifiedon = '2026-02-21 10:00:00' WHERE contactid = 'c3'")
+    s3 = run("r3")
+    assert _validated(cfg, "r3")["crm"] == (1, "changed")
+    assert [(f["system"], f["expectation"]) for f in s3["gates"]["failures"]] == [("crm", "required:first_name")]
+    assert s3["gates"]["blocked"]
+
+    # Nothing changed, but last night a row failed: every row is checked again and the bad one still fails.
+    s4 = run("r4")
+    assert _validated(cfg, "r4")["crm"] == (3, "full")
+    assert [(f["system"], f["expectation"]) for f in s4["gates"]["failures"]] == [("crm", "required:first_name")]
+
+    sqlite_exec(crm, "UPDATE contact SET firstname = 'Cy', modifiedon = '2026-02-22 10:00:00' WHERE contactid = 'c3'")
+    assert run("r5")["gates"]["failed"] == 0
+    assert run("r6")["gates"]["failed"] == 0
+    assert _validated(cfg, "r6") == {"crm": (0, "changed"), "marketing": (0, "changed")}

@@ -1,21 +1,29 @@
 """Quality gates: staging -> audit.quality_results, audit.sync_health, holds, write blocks, review items.
 
-Suites are generated from the config per staging table and run with Great Expectations (GX Core 1.x,
-ephemeral context, suites as values). GX's SQL engine does not work on DuckDB through duckdb-engine
-(GX issues 10738, 11579), so each table is validated as a pandas batch holding *only the columns its suite
-needs*; derived per-row flags (e.g. "shares its email with another record") are computed in DuckDB SQL
-first, so GX checks a plain column mean. Trend thresholds (volume, duplicate rate) come from earlier runs'
-rows in audit.sync_health.
+Suites are generated from the config per staging table; what they cost follows what changed:
+- table-level gates (key uniqueness and presence, volume band, duplicate rates, freshness, quarantine rate) are
+  aggregates over the whole table, computed set-based in DuckDB every run;
+- row-level gates (required fields, email format, picklists) run with Great Expectations (GX Core 1.x,
+  ephemeral context, suites as values) on the rows inserted or changed this run (the table's `_history` rows
+  of this run). Every row is validated again on the first run, when the row-level suite changed, after a run
+  in which a row-level gate failed (so a bad row keeps failing until it is fixed), and every
+  `extract.full_every` runs, like the periodic full extract.
+GX's SQL engine does not work on DuckDB through duckdb-engine (GX issues 10738, 11579), so GX reads a pandas
+batch of only the rows and columns its suite needs. GX is imported once per process, and only when there are
+rows to validate. Trend thresholds (volume, duplicate rate) come from earlier runs' rows in audit.sync_health.
 
 Two halves, so Airflow can validate tables in parallel without contending for the warehouse:
 `validate_table` only reads (any number at once); `record_gates` is the single writer that stores results,
-finds cross-system collisions and decides which writes are held back.
+finds cross-system collisions and decides which writes are held back. The runner calls both.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
+import re
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,6 +36,7 @@ from ..warehouse import once, staging_table
 STAGE = "gates"
 DEFAULTS = {"history_runs": 7, "max_growth": 0.5, "max_shrink": 0.3, "tolerance_rows": 5,
             "dup_max_increase": 0.05, "quarantine_max": 0.05}
+ROW_KINDS = ("required", "email_format", "picklist")  # validated by GX on the rows that changed
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -73,10 +82,17 @@ def _median(values: list[float]) -> float | None:
     return float(s[mid]) if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
-def plan_suite(con, cfg: Config, entity: str, system: str, run_id: str, run_at: datetime) -> dict:
-    """Decide what to check on one staging table: columns to read, expectations with thresholds."""
-    import great_expectations.expectations as gxe
+def _gx_type(class_name: str) -> str:
+    """ExpectColumnValuesToNotBeNull -> expect_column_values_to_not_be_null (GX's expectation type)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", class_name).lower()
 
+
+def plan_suite(con, cfg: Config, entity: str, system: str, run_id: str, run_at: datetime) -> dict:
+    """Decide what to check on one staging table: columns to read, expectations with thresholds.
+
+    Each check names the GX expectation class and arguments that state it (`gx`); row-level checks are
+    built into GX expectations when they run, table-level ones are computed in SQL with the same meaning.
+    """
     ent = cfg.entities[entity]
     source = ent.sources[system]
     gates = ent.gates.for_system(system)
@@ -84,34 +100,32 @@ def plan_suite(con, cfg: Config, entity: str, system: str, run_id: str, run_at: 
     checks: list[dict[str, Any]] = []
     columns = ["_record_key"]
 
-    def add(name: str, kind: str, expectation, column: str | None, threshold: dict) -> None:
+    def add(name: str, kind: str, gx: str, args: dict, column: str | None, threshold: dict) -> None:
         checks.append({"name": name, "kind": kind, "column": column, "severity": _severity(gates, kind),
-                       "threshold": threshold, "expectation": expectation})
+                       "threshold": threshold, "gx": gx, "gx_args": args})
 
-    add("key_unique", "key_unique", gxe.ExpectColumnValuesToBeUnique(column="_record_key"), "_record_key", {})
-    add("key_not_null", "key_not_null", gxe.ExpectColumnValuesToNotBeNull(column="_record_key"), "_record_key", {})
+    add("key_unique", "key_unique", "ExpectColumnValuesToBeUnique", {"column": "_record_key"}, "_record_key", {})
+    add("key_not_null", "key_not_null", "ExpectColumnValuesToNotBeNull", {"column": "_record_key"}, "_record_key", {})
     for fname, mapping in source.fields.items():
         field = ent.fields[fname]
         if field.required:
             columns.append(fname)
-            add(f"required:{fname}", "required", gxe.ExpectColumnValuesToNotBeNull(column=fname), fname, {})
+            add(f"required:{fname}", "required", "ExpectColumnValuesToNotBeNull", {"column": fname}, fname, {})
         if any(s.name == "email" for s in mapping.steps):
             columns.append(fname)
-            add(f"email_format:{fname}", "email_format",
-                gxe.ExpectColumnValuesToMatchRegex(column=fname, regex=EMAIL_PATTERN), fname,
-                {"regex": EMAIL_PATTERN})
+            add(f"email_format:{fname}", "email_format", "ExpectColumnValuesToMatchRegex",
+                {"column": fname, "regex": EMAIL_PATTERN}, fname, {"regex": EMAIL_PATTERN})
         maps = [s for s in mapping.steps if s.name == "map"]
         if maps and field.type == "string":
             allowed = sorted({staged_text(v) for v in maps[-1].mapping.values()})  # as staged: true, not True
             columns.append(fname)
-            add(f"picklist:{fname}", "picklist", gxe.ExpectColumnValuesToBeInSet(column=fname, value_set=allowed),
+            add(f"picklist:{fname}", "picklist", "ExpectColumnValuesToBeInSet", {"column": fname, "value_set": allowed},
                 fname, {"value_set": allowed})
 
     if gates.freshness.max_age_hours:
         oldest_ok = run_at - timedelta(hours=gates.freshness.max_age_hours)
-        columns.append("_source_modified_at")
-        add("freshness", "freshness",
-            gxe.ExpectColumnMaxToBeBetween(column="_source_modified_at", min_value=oldest_ok),
+        add("freshness", "freshness", "ExpectColumnMaxToBeBetween",
+            {"column": "_source_modified_at", "min_value": oldest_ok},
             "_source_modified_at", {"min_value": oldest_ok.isoformat(), "max_age_hours": gates.freshness.max_age_hours})
 
     # Volume: a band around the median of the last accepted runs, plus absolute bounds.
@@ -130,34 +144,31 @@ def plan_suite(con, cfg: Config, entity: str, system: str, run_id: str, run_at: 
         lo = max(lo, math.ceil(baseline * (1 - shrink) - tol) + echo)
         band_hi = math.floor(baseline * (1 + grow) + tol) + echo
         hi = band_hi if hi is None else min(hi, band_hi)
-    add("volume", "volume", gxe.ExpectTableRowCountToBeBetween(min_value=max(lo, 0), max_value=hi), None,
+    add("volume", "volume", "ExpectTableRowCountToBeBetween", {"min_value": max(lo, 0), "max_value": hi}, None,
         {"min_value": max(lo, 0), "max_value": hi, "baseline_median": baseline, "echo_inserts": echo})
 
-    # Duplicate rate per named key: a 0/1 flag per row computed in SQL, its mean checked by GX.
-    flags = {}
+    # Duplicate rate per named key: the share of rows whose normalised key another row shares.
+    dup_keys = {}
     d = gates.duplicate_rate
     for key, fields in duplicate_keys(cfg, entity, system, gates).items():
-        norm = [f"lower(trim(CAST({q(f)} AS VARCHAR)))" for f in fields]
-        all_set = " AND ".join(f"{q(f)} IS NOT NULL" for f in fields)
-        flags[f"_dup_{key}"] = (f"CASE WHEN {all_set} AND count(*) OVER (PARTITION BY {', '.join(norm)}) > 1 "
-                                f"THEN 1 ELSE 0 END")
-        past = [r for r in _history_json(con, entity, system, run_id, key, n)]
-        base = _median(past)
+        dup_keys[key] = fields
+        base = _median(_history_json(con, entity, system, run_id, key, n))
         limit = 1.0
         if base is not None:
             limit = base + (DEFAULTS["dup_max_increase"] if d.max_increase is None else d.max_increase)
         if d.max is not None:
             limit = min(limit, d.max)
-        add(f"duplicate_rate:{key}", "duplicate_rate",
-            gxe.ExpectColumnMeanToBeBetween(column=f"_dup_{key}", min_value=0, max_value=round(min(limit, 1.0), 6)),
+        add(f"duplicate_rate:{key}", "duplicate_rate", "ExpectColumnMeanToBeBetween",
+            {"column": f"_dup_{key}", "min_value": 0, "max_value": round(min(limit, 1.0), 6)},
             f"_dup_{key}", {"max_value": round(min(limit, 1.0), 6), "baseline_median": base, "fields": fields})
 
     qmax = gates.quarantine_rate.max if gates.quarantine_rate.max is not None else DEFAULTS["quarantine_max"]
-    add("quarantine_rate", "quarantine_rate",
-        gxe.ExpectColumnValuesToBeBetween(column="quarantine_rate", min_value=0, max_value=qmax),
-        "quarantine_rate", {"max_value": qmax})
-    return {"table": table, "columns": list(dict.fromkeys(columns)), "flags": flags, "checks": checks,
-            "volume_baseline": baseline}
+    add("quarantine_rate", "quarantine_rate", "ExpectColumnValuesToBeBetween",
+        {"column": "quarantine_rate", "min_value": 0, "max_value": qmax}, "quarantine_rate", {"max_value": qmax})
+    row_suite = [{k: c[k] for k in ("name", "gx", "gx_args", "severity")} for c in checks if c["kind"] in ROW_KINDS]
+    return {"table": table, "columns": list(dict.fromkeys(columns)), "dup_keys": dup_keys, "checks": checks,
+            "volume_baseline": baseline,
+            "suite_hash": hashlib.sha256(json.dumps(row_suite, sort_keys=True, default=str).encode()).hexdigest()[:16]}
 
 
 def _history_json(con, entity, system, run_id, key, n) -> list[float]:
@@ -174,24 +185,102 @@ def _history_json(con, entity, system, run_id, key, n) -> list[float]:
 # Validation (read-only)
 # ----------------------------------------------------------------------------------------------------------
 
-def validate_table(con, cfg: Config, entity: str, system: str, run_id: str, run_at: datetime,
-                   docs_dir: Path | None = None) -> dict:
-    """Run the generated suite on one staging table. Reads only; returns JSON-serialisable results."""
+@functools.cache
+def _gx():
+    """Great Expectations, imported once per process (it takes seconds), analytics off and logging quiet."""
+    import logging
+
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
-    import pandas as pd
-    from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    plan = plan_suite(con, cfg, entity, system, run_id, run_at)
-    table = plan["table"]
-    select = ", ".join([q(c) for c in plan["columns"]] + [f"{expr} AS {q(name)}" for name, expr in plan["flags"].items()])
-    frame = con.execute(f"SELECT {select} FROM {table}").df()  # only the columns the suite needs
-    ext = con.execute("SELECT extracted, quarantined FROM audit.extracts WHERE run_id = ? AND entity = ? AND system = ?",
-                      [run_id, entity, system]).fetchone() or (0, 0)
-    # Relative to the larger of rows read and rows staged, so a small incremental extract does not swing it.
-    denominator = max(ext[0], len(frame))
-    qrate = (ext[1] / denominator) if denominator else 0.0
-    metrics = pd.DataFrame({"quarantine_rate": [qrate]})
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    return gx
+
+
+def row_validation(con, cfg: Config, entity: str, system: str, run_id: str, suite_hash: str) -> tuple[str, str]:
+    """('full' | 'changed', why): whether the row-level gates check every row this run or only changed ones."""
+    if not _has_table(con, f"{system}__{entity}_history"):
+        return "full", "no change history"
+    last = con.execute("""SELECT run_id, suite_hash FROM audit.sync_health
+                          WHERE entity = ? AND system = ? AND run_id <> ? AND validation IS NOT NULL
+                          ORDER BY run_at DESC LIMIT 1""", [entity, system, run_id]).fetchone()
+    if last is None:
+        return "full", "first validation"
+    if last[1] != suite_hash:
+        return "full", "row-level suite changed"
+    failed = con.execute(f"""SELECT count(*) FROM audit.quality_results WHERE run_id = ? AND entity = ? AND system = ?
+                             AND NOT success AND kind IN ({', '.join(map(sql_literal, ROW_KINDS))})""",
+                         [last[0], entity, system]).fetchone()[0]
+    if failed:
+        return "full", f"row-level gates failed in run {last[0]}"
+    since_full = con.execute("""SELECT count(*) FROM audit.sync_health
+                                WHERE entity = $1 AND system = $2 AND run_id <> $3 AND validation IS NOT NULL
+                                  AND run_at >= (SELECT max(run_at) FROM audit.sync_health WHERE entity = $1
+                                                 AND system = $2 AND run_id <> $3 AND validation = 'full')""",
+                             [entity, system, run_id]).fetchone()[0]
+    if since_full >= cfg.extract.full_every:
+        return "full", f"periodic full validation (extract.full_every = {cfg.extract.full_every})"
+    return "changed", "rows inserted or changed this run"
+
+
+def _table_gates(con, table: str, plan: dict, qrate: float) -> tuple[dict[str, dict], int, dict[str, float]]:
+    """Table-level gates as aggregates over the whole staging table: {name: result}, rows, duplicate rates."""
+    fresh = any(c["kind"] == "freshness" for c in plan["checks"])
+    staged, null_keys, newest = con.execute(
+        f"SELECT count(*), count(*) FILTER (WHERE _record_key IS NULL), "
+        f"{'max(_source_modified_at)' if fresh else 'NULL'} FROM {table}").fetchone()
+    dup_rows, dup_sample = con.execute(f"""
+        SELECT coalesce(sum(n), 0), list(_record_key ORDER BY _record_key)[1:10]
+        FROM (SELECT _record_key, count(*) AS n FROM {table} WHERE _record_key IS NOT NULL GROUP BY 1 HAVING n > 1)
+    """).fetchone()
+    rates = {}
+    for key, fields in plan["dup_keys"].items():
+        norm = ", ".join(f"lower(trim(CAST({q(f)} AS VARCHAR)))" for f in fields)
+        all_set = " AND ".join(f"{q(f)} IS NOT NULL" for f in fields)
+        shared = con.execute(f"""SELECT coalesce(sum(n), 0) FROM (SELECT count(*) AS n FROM {table} WHERE {all_set}
+                                 GROUP BY {norm} HAVING n > 1)""").fetchone()[0]
+        rates[key] = (shared / staged) if staged else 0.0
+    out = {}
+    for c in plan["checks"]:
+        a, kind = c["gx_args"], c["kind"]
+        unexpected, sample = None, []
+        if kind == "key_unique":
+            ok, unexpected, sample = dup_rows == 0, int(dup_rows), list(dup_sample or [])
+            observed = f"{unexpected} unexpected"
+        elif kind == "key_not_null":
+            ok, unexpected, sample = null_keys == 0, int(null_keys), [None] * min(int(null_keys), 10)
+            observed = f"{unexpected} unexpected"
+        elif kind == "volume":
+            ok = staged >= a["min_value"] and (a["max_value"] is None or staged <= a["max_value"])
+            observed = staged
+        elif kind == "freshness":
+            ok, observed = newest is not None and newest >= a["min_value"], newest
+        elif kind == "duplicate_rate":
+            if not staged:  # a rate over no rows is undefined: duplicate rates only apply to non-empty tables
+                continue
+            observed = rates[c["column"].removeprefix("_dup_")]
+            ok = a["min_value"] <= observed <= a["max_value"]
+        elif kind == "quarantine_rate":
+            ok, observed = a["min_value"] <= qrate <= a["max_value"], qrate
+        else:
+            continue
+        out[c["name"]] = _result(c, ok, observed, unexpected, sample)
+    return out, staged, rates
+
+
+def _result(c: dict, ok: bool, observed, unexpected: int | None, sample: list) -> dict:
+    return {"expectation": c["name"], "kind": c["kind"], "gx_expectation": _gx_type(c["gx"]),
+            "column": c["column"], "severity": c["severity"], "success": bool(ok),
+            "observed_value": _text(observed), "threshold": c["threshold"], "unexpected_count": unexpected,
+            "sample": [_text(x) for x in sample[:10]]}
+
+
+def _row_gates(frame, checks: list[dict], table: str, run_id: str, docs_dir: Path | None) -> dict[str, dict]:
+    """Row-level gates with Great Expectations on `frame` (the rows to validate): {name: result}."""
+    if frame.empty:
+        return {c["name"]: _result(c, True, "0 unexpected", 0, []) for c in checks}
+    gx = _gx()
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
@@ -202,46 +291,62 @@ def validate_table(con, cfg: Config, entity: str, system: str, run_id: str, run_
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         })
     ds = ctx.data_sources.add_pandas("reconcile")
-    table_checks = [c for c in plan["checks"] if c["column"] != "quarantine_rate"]
-    metric_checks = [c for c in plan["checks"] if c["column"] == "quarantine_rate"]
-    if frame.empty:  # a mean over no rows is undefined: duplicate rates only apply to non-empty tables
-        table_checks = [c for c in table_checks if c["kind"] != "duplicate_rate"]
-    results = []
-    for name, df, checks in ((table, frame, table_checks), (f"{table}__extract_metrics", metrics, metric_checks)):
-        for c in checks:
-            c["expectation"].meta = {"name": c["name"]}
-        suite = ctx.suites.add(gx.ExpectationSuite(name=name, expectations=[c["expectation"] for c in checks]))
-        batch_def = ds.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe("run")
-        vdef = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch_def, suite=suite))
-        actions = [gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["reconcile"])] if docs_dir else []
-        cp = ctx.checkpoints.add(gx.Checkpoint(name=f"cp_{name}", validation_definitions=[vdef], actions=actions))
-        run = cp.run(batch_parameters={"dataframe": df},
-                     run_id=gx.core.run_identifier.RunIdentifier(run_name=run_id))
-        by_name = {c["name"]: c for c in checks}
-        for vres in run.run_results.values():
-            for r in vres.results:
-                c = by_name[r.expectation_config.meta["name"]]
-                res = r.result or {}
-                observed = res.get("observed_value")
-                if c["kind"] == "quarantine_rate":
-                    observed = qrate
-                elif observed is None and "unexpected_count" in res:
-                    observed = f"{res['unexpected_count']} unexpected"
-                results.append({
-                    "expectation": c["name"], "kind": c["kind"], "gx_expectation": r.expectation_config.type,
-                    "column": c["column"], "severity": c["severity"], "success": bool(r.success),
-                    "observed_value": _text(observed), "threshold": c["threshold"],
-                    "unexpected_count": res.get("unexpected_count"),
-                    "sample": [_text(x) for x in (res.get("partial_unexpected_list") or [])[:10]],
-                })
-    dup_rates = {name.removeprefix("_dup_"): (float(frame[name].mean()) if not frame.empty else 0.0)
-                 for name in plan["flags"]}
+    expectations = []
+    for c in checks:
+        e = getattr(gx.expectations, c["gx"])(**c["gx_args"])
+        e.meta = {"name": c["name"]}
+        expectations.append(e)
+    suite = ctx.suites.add(gx.ExpectationSuite(name=table, expectations=expectations))
+    batch_def = ds.add_dataframe_asset(name=table).add_batch_definition_whole_dataframe("run")
+    vdef = ctx.validation_definitions.add(gx.ValidationDefinition(name=table, data=batch_def, suite=suite))
+    actions = [gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["reconcile"])] if docs_dir else []
+    cp = ctx.checkpoints.add(gx.Checkpoint(name=f"cp_{table}", validation_definitions=[vdef], actions=actions))
+    run = cp.run(batch_parameters={"dataframe": frame}, run_id=gx.core.run_identifier.RunIdentifier(run_name=run_id))
+    by_name = {c["name"]: c for c in checks}
+    out = {}
+    for vres in run.run_results.values():
+        for r in vres.results:
+            c = by_name[r.expectation_config.meta["name"]]
+            res = r.result or {}
+            observed = res.get("observed_value")
+            if observed is None and "unexpected_count" in res:
+                observed = f"{res['unexpected_count']} unexpected"
+            out[c["name"]] = _result(c, r.success, observed, res.get("unexpected_count"),
+                                     res.get("partial_unexpected_list") or [])
+    return out
+
+
+def validate_table(con, cfg: Config, entity: str, system: str, run_id: str, run_at: datetime,
+                   docs_dir: Path | None = None) -> dict:
+    """Run the generated suite on one staging table. Reads only; returns JSON-serialisable results."""
+    plan = plan_suite(con, cfg, entity, system, run_id, run_at)
+    table = plan["table"]
+    ext = con.execute("SELECT extracted, quarantined FROM audit.extracts WHERE run_id = ? AND entity = ? AND system = ?",
+                      [run_id, entity, system]).fetchone() or (0, 0)
+    staged = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    # Relative to the larger of rows read and rows staged, so a small incremental extract does not swing it.
+    denominator = max(ext[0], staged)
+    qrate = (ext[1] / denominator) if denominator else 0.0
+    by_name, staged, rates = _table_gates(con, table, plan, qrate)
+
+    row_checks = [c for c in plan["checks"] if c["kind"] in ROW_KINDS]
+    mode, why = row_validation(con, cfg, entity, system, run_id, plan["suite_hash"])
+    row_cols = list(dict.fromkeys(["_record_key"] + [c["column"] for c in row_checks]))
+    where = "" if mode == "full" else (
+        f" WHERE _record_key IN (SELECT _record_key FROM {table}_history WHERE _run_id = {sql_literal(run_id)} "
+        f"AND _change <> 'delete')")
+    frame = con.execute(f"SELECT {', '.join(map(q, row_cols))} FROM {table}{where}").df() if row_checks else None
+    validated = 0 if frame is None else len(frame)
+    if row_checks:
+        by_name.update(_row_gates(frame, row_checks, table, run_id, docs_dir))
+    results = [by_name[c["name"]] for c in plan["checks"] if c["name"] in by_name]
     return {
         "system": system, "table": table, "results": results,
-        "metrics": {"staged": int(len(frame)), "extracted": int(ext[0]), "quarantined": int(ext[1]),
-                    "quarantine_rate": qrate, "duplicate_rates": dup_rates,
-                    "volume_baseline": plan["volume_baseline"]},
-        "data_docs": str(docs_dir / "index.html") if docs_dir else None,
+        "metrics": {"staged": int(staged), "extracted": int(ext[0]), "quarantined": int(ext[1]),
+                    "quarantine_rate": qrate, "duplicate_rates": rates,
+                    "volume_baseline": plan["volume_baseline"], "rows_validated": validated,
+                    "validation": mode, "validation_reason": why, "suite_hash": plan["suite_hash"]},
+        "data_docs": str(docs_dir / "index.html") if docs_dir and validated else None,
     }
 
 
@@ -252,6 +357,8 @@ def _text(value: Any) -> str | None:
         value = value.item()
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, datetime):
+        return value.isoformat()
     return str(value)
 
 
@@ -404,15 +511,15 @@ def record_gates(con, cfg: Config, entity: str, run_id: str, run_at: datetime, v
                 """INSERT INTO audit.sync_health (run_id, entity, system, run_at, extracted, quarantined, staged,
                        quarantine_rate, duplicate_rate_email, duplicate_rate_name_company, duplicate_rates,
                        volume_baseline, volume_change, volume_ok, duplicate_ok, gates_passed, gates_warned,
-                       gates_failed, held)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                       gates_failed, held, rows_validated, validation, suite_hash)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 [run_id, entity, system, run_at, m["extracted"], m["quarantined"], m["staged"], m["quarantine_rate"],
                  m["duplicate_rates"].get("email"), m["duplicate_rates"].get("name_company"),
                  json.dumps(m["duplicate_rates"]), base, (m["staged"] / base - 1) if base else None, vol_ok, dup_ok,
                  sum(r["success"] for r in v["results"]),
                  sum((not r["success"]) and r["severity"] == "warn" for r in v["results"]),
                  sum((not r["success"]) and r["severity"] == "error" for r in v["results"]),
-                 0],
+                 0, m.get("rows_validated"), m.get("validation"), m.get("suite_hash")],
             )
         blocked_targets = sorted({r[0] for r in con.execute(
             "SELECT target FROM audit.write_blocks WHERE run_id = ? AND entity = ?", [run_id, entity]).fetchall()})

@@ -104,6 +104,9 @@ TABLES = [
         changes_applied BIGINT,
         changes_failed BIGINT,
         changes_held BIGINT,              -- held, blocked or rejected
+        rows_validated BIGINT,            -- rows the row-level gates (GX) checked this run
+        validation VARCHAR,               -- full (every row) | changed (rows inserted or changed this run)
+        suite_hash VARCHAR,               -- the row-level suite checked; a change forces a full validation
         PRIMARY KEY (run_id, entity, system)
     )""",
     """CREATE TABLE IF NOT EXISTS audit.holds (
