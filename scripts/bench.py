@@ -1,7 +1,20 @@
-"""`make bench`: time every stage of a night on a generated demo of N people (default 20,000).
+"""`make bench`: time every stage of reconcile nights on a generated demo of N people (default 20,000).
 
-Usage: python scripts/bench.py [--people N] [--seed S] [--keep DIR] [--identity]
-Prints one line per stage (seconds, rows) and a total; numbers go in PRs that touch performance.
+Usage: python scripts/bench.py [--people N] [--seed S] [--keep DIR [--reuse]] [--change-share F] [--identity]
+   or: make bench BENCH_ARGS="--people 1000000 --keep /tmp/bench1m --reuse"
+`--keep DIR --reuse` generates the systems once (a pristine copy stays in DIR/systems.pristine) and later
+runs start from that copy with an empty warehouse, which saves minutes at a million people.
+
+Four nights on the generated systems, in one process, every stage in order as the runner calls them:
+- `full`: the first night, everything is new (extract, gates, identity, golden, plan, load);
+- `settle`: our own writes of the first night come back as echoes and converge;
+- `quiet`: nothing changed in any system;
+- `changed`: a share F of the CRM contacts (default 1%) had their first name edited.
+The demo's config gets `extract: {overlap_minutes: 0}` (generated rows all carry the generation time, so
+an overlap would re-read them every night). Prints one line per stage and night (seconds, rows), then a
+table of seconds per stage and night with each night's peak RSS, and the ratios quiet/full and
+changed/full. Figures are in docs/operations.md (sizing).
+
 With --identity (`make bench BENCH_ARGS="--identity --people 100000"`): identity resolution only, measured
 against the demo's answer key (pairwise precision and recall of automatic links, review items as a share
 of records, resolve_identity seconds and peak memory, pairs scored on a second night with 1% of records
@@ -13,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sqlite3
 import tempfile
 import time
 from datetime import datetime, timedelta
@@ -22,12 +36,46 @@ from reconcile import runner
 from reconcile.config import load_config
 from reconcile.demo import init_demo
 
+NIGHTS = ("full", "settle", "quiet", "changed")
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM), so each night has its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def edit_crm(root: Path, share: float) -> int:
+    """A share of the CRM contacts get a new first name (the demo's trigger stamps modifiedon)."""
+    con = sqlite3.connect(root / "systems" / "crm.db")
+    try:
+        step = max(1, round(1 / share))
+        with con:
+            n = con.execute(f"UPDATE contact SET firstname = coalesce(firstname, '') || 'e' "
+                            f"WHERE rowid % {step} = 0").rowcount
+    finally:
+        con.close()
+    return n
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--people", type=int, default=20_000)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--change-share", type=float, default=0.01, help="share of CRM contacts edited (changed night)")
     ap.add_argument("--keep", help="generate into this folder and keep it (default: a temp folder)")
+    ap.add_argument("--reuse", action="store_true", help="with --keep: start from the systems generated before")
     ap.add_argument("--identity", action="store_true", help="identity quality and cost, with Splink's default model")
     args = ap.parse_args()
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="reconcile-bench-"))
@@ -38,21 +86,44 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(root, ignore_errors=True)
         return
-    timings: list[tuple[str, float, str]] = []
+    seconds: dict[str, dict[str, float]] = {n: {} for n in NIGHTS}
+    peaks: dict[str, float] = {}
+    night = "setup"
 
     def timed(name: str, fn, *a, **kw):
         t0 = time.perf_counter()
         out = fn(*a, **kw)
-        timings.append((name, time.perf_counter() - t0, _rows(out)))
-        print(f"{name:<28} {timings[-1][1]:8.2f} s  {timings[-1][2]}", flush=True)
+        took = time.perf_counter() - t0
+        if night in seconds:
+            seconds[night][name] = seconds[night].get(name, 0.0) + took
+        print(f"{name:<28} {took:8.2f} s  {_rows(out)}", flush=True)
         return out
 
     try:
-        timed("demo init", init_demo, root, people=args.people, seed=args.seed, force=True)
-        cfg = load_config(root / "reconcile.yaml")
-        for night in (1, 2):
-            run_id, run_at = f"bench{night}", datetime(2026, 2, 1) + timedelta(days=night)
-            print(f"-- night {night}")
+        pristine = root / "systems.pristine"
+        if args.reuse and args.keep and pristine.is_dir():
+            shutil.rmtree(root / "systems", ignore_errors=True)
+            shutil.copytree(pristine, root / "systems")
+        else:
+            timed("demo init", init_demo, root, people=args.people, seed=args.seed, force=True)
+            if args.keep:
+                shutil.rmtree(pristine, ignore_errors=True)
+                shutil.copytree(root / "systems", pristine)
+        config = root / "reconcile.yaml"
+        text = config.read_text()
+        if "overlap_minutes" not in text:
+            # Every generated row carries the wall-clock time of generation (or of our writes), so the default
+            # hour of overlap would re-read them all each night: read only rows after the watermark.
+            config.write_text(text.replace("\nload:", "\nextract: {overlap_minutes: 0}\nload:", 1))
+        cfg = load_config(config)
+        for stale in (cfg.state_dir, cfg.warehouse_path.parent):
+            shutil.rmtree(stale, ignore_errors=True)  # every bench starts from an empty warehouse
+        for i, night in enumerate(NIGHTS, start=1):
+            if night == "changed":
+                print(f"edited {edit_crm(root, args.change_share)} CRM contacts")
+            run_id, run_at = f"bench{i}", datetime(2026, 2, 1) + timedelta(days=i)
+            print(f"-- night {i}: {night}")
+            _reset_peak_rss()
             manifest = timed("begin_run", runner.begin_run, cfg, "contact", run_id, run_at)
             for s in sorted(manifest["systems"]):
                 timed(f"extract {s}", runner.extract_system, cfg, "contact", s, run_id)
@@ -68,23 +139,38 @@ def main() -> None:
                 if state == "ok":
                     timed(f"load {target}", runner.load_changes, cfg, "contact", run_id, target)
             summary = timed("finish_run", runner.finish_run, cfg, "contact", run_id)
-            print(f"   status {summary['status']}; changes {json.dumps(summary.get('changes', {}))}")
-        total = sum(t for _, t, _ in timings)
-        print(f"{'total':<28} {total:8.2f} s  ({args.people} people, {root})")
+            peaks[night] = _peak_rss_mb()
+            print(f"   status {summary['status']}; changes {json.dumps(summary.get('changes', {}))}; "
+                  f"peak RSS {peaks[night]:.0f} MB")
+        _table(seconds, peaks, args.people)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def _table(seconds: dict[str, dict[str, float]], peaks: dict[str, float], people: int) -> None:
+    stages = list(dict.fromkeys(s for n in NIGHTS for s in seconds[n]))
+    print(f"\n{'stage (seconds)':<28}" + "".join(f"{n:>10}" for n in NIGHTS))
+    for s in stages:
+        print(f"{s:<28}" + "".join(f"{seconds[n].get(s, 0.0):10.2f}" for n in NIGHTS))
+    totals = {n: sum(seconds[n].values()) for n in NIGHTS}
+    print(f"{'total':<28}" + "".join(f"{totals[n]:10.2f}" for n in NIGHTS))
+    print(f"{'peak RSS (MB)':<28}" + "".join(f"{peaks.get(n, 0):10.0f}" for n in NIGHTS))
+    full = totals["full"] or 1.0
+    print(f"ratios ({people} people): quiet/full {totals['quiet'] / full:.1%}, changed/full {totals['changed'] / full:.1%}")
+
+
 def _rows(out) -> str:
     if isinstance(out, dict):
         for key in ("rows", "linked", "records"):
-            if key in out:
+            if key in out and not isinstance(out[key], dict):
                 return f"{key}={out[key]}"
-        if "records" in out and isinstance(out["records"], dict):
+        if isinstance(out.get("records"), dict):
             return "records=" + ",".join(f"{k}:{v}" for k, v in out["records"].items())
         if "applied" in out:
             return f"applied={out['applied']}"
+        if "metrics" in out:
+            return f"validated={out['metrics'].get('rows_validated')} ({out['metrics'].get('validation')})"
     return ""
 
 

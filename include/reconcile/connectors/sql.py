@@ -103,38 +103,46 @@ class SqlConnector:
                 yield _to_arrow(columns, rows)
 
     def _columnar(self, stmt, columns: list[str], batch_size: int) -> Iterator[pa.Table] | None:
-        """The ADBC reader for this statement, or None where the row path must read it (see module doc)."""
+        """The ADBC reader for this statement, or None where the row path must read it (see module doc).
+
+        Uses the driver manager's low-level API: its DB-API module imports pandas, seconds per process."""
+        import adbc_driver_manager
+
         backend = self.engine.dialect.name
         u = self.engine.url
         if backend == "sqlite" and u.database and u.database != ":memory:" and not u.database.startswith("file:"):
-            import adbc_driver_sqlite.dbapi as adbc
+            import adbc_driver_sqlite
 
             if not self._sqlite_uniform(stmt, columns):
                 return None
-            conn = adbc.connect(u.database)
+            db = adbc_driver_sqlite.connect(u.database)
             options = {"adbc.sqlite.query.batch_rows": str(batch_size)}
         elif backend == "postgresql" and u.drivername in ("postgresql", "postgresql+psycopg2", "postgresql+psycopg"):
-            import adbc_driver_postgresql.dbapi as adbc
+            import adbc_driver_postgresql
 
-            conn = adbc.connect(u.set(drivername="postgresql").render_as_string(hide_password=False))
+            db = adbc_driver_postgresql.connect(u.set(drivername="postgresql").render_as_string(hide_password=False))
             options = {}
         else:
             return None
-        sql = str(stmt.compile(dialect=self.engine.dialect, compile_kwargs={"literal_binds": True}))
+        handles = [db]
         try:
-            cur = conn.cursor()
+            conn = adbc_driver_manager.AdbcConnection(db)
+            handles.append(conn)
+            st = adbc_driver_manager.AdbcStatement(conn)
+            handles.append(st)
             if options:
-                cur.adbc_statement.set_options(**options)
-            cur.execute(sql)
-            reader = cur.fetch_record_batch()
-            if not all(_columnar_type(f.type) for f in reader.schema):
-                cur.close()
-                conn.close()
-                return None
+                st.set_options(**options)
+            st.set_sql_query(str(stmt.compile(dialect=self.engine.dialect, compile_kwargs={"literal_binds": True})))
+            stream, _ = st.execute_query()
+            reader = pa.RecordBatchReader._import_from_c(stream.address)
+            if all(_columnar_type(f.type) for f in reader.schema):
+                return _columnar_batches(handles, reader, columns, batch_size)
+            reader.close()
         except BaseException:
-            conn.close()
+            _close(handles)
             raise
-        return _columnar_batches(conn, cur, reader, columns, batch_size)
+        _close(handles)
+        return None
 
     def _sqlite_uniform(self, stmt, columns: list[str]) -> bool:
         """True when every column holds one SQLite storage class (besides NULL) and no BLOB: the ADBC driver
@@ -205,9 +213,14 @@ def _columnar_type(t: pa.DataType) -> bool:
             or pa.types.is_date32(t) or pa.types.is_timestamp(t))
 
 
-def _columnar_batches(conn, cur, reader: pa.RecordBatchReader, columns: list[str],
+def _close(handles: list) -> None:
+    for h in reversed(handles):
+        h.close()
+
+
+def _columnar_batches(handles: list, reader: pa.RecordBatchReader, columns: list[str],
                       batch_size: int) -> Iterator[pa.Table]:
-    """Driver batches -> Arrow tables of strings, re-cut to `batch_size` rows; closes the connection."""
+    """Driver batches -> Arrow tables of strings, re-cut to `batch_size` rows; closes the driver handles."""
     try:
         pending: list[pa.RecordBatch] = []
         rows = 0
@@ -222,8 +235,8 @@ def _columnar_batches(conn, cur, reader: pa.RecordBatchReader, columns: list[str
         if rows:
             yield _text_table(pa.Table.from_batches(pending, reader.schema), columns)
     finally:
-        cur.close()
-        conn.close()
+        reader.close()
+        _close(handles)
 
 
 def _text_table(table: pa.Table, columns: list[str]) -> pa.Table:
