@@ -366,7 +366,9 @@ def test_empty_identity_gives_an_empty_golden_table_with_every_column(cfg):
     summary = build(cfg, "r1", T1)
     assert summary == {"records": 0, "changed": 0, "removed": 0, "conflicts": 0, "erased": 0,
                        "disagreements": {f: 0 for f in ("email", "first_name", "last_name", "phone", "company",
-                                                        "email_opt_out")}}
+                                                        "email_opt_out")},
+                       "mode": "full", "reason": "first build", "rebuilt": 0,
+                       "config_hash": golden.config_hash(cfg.entities["contact"])}
     assert rows(cfg, "SELECT column_name, data_type FROM information_schema.columns "
                      "WHERE table_schema = 'golden' AND table_name = 'contact' ORDER BY ordinal_position") == [
         ("xid", "VARCHAR"), ("email", "VARCHAR"), ("first_name", "VARCHAR"), ("last_name", "VARCHAR"),

@@ -2,7 +2,14 @@
 
 `build` is the single writer the runner's `build_golden` step calls after identity resolution; `erase` is
 what `reconcile erase` calls; `find_xids` and `person_report` are the read side of `reconcile lineage`.
-Everything is set-based DuckDB SQL over whole tables: Python only generates the statements from the config.
+Everything is set-based DuckDB SQL: Python only generates the statements from the config.
+
+Incremental: after a first full build, a run rebuilds only the *dirty* xids: those with a linked record
+extracted or deleted since the last build (staging `_run_id`, `_history` deletes), a link made or undone
+(identity.xref_history), an erasure, or a golden row or current lineage that no longer matches the xid's
+status. Everything else keeps its golden row, lineage and conflicts, which is exactly what a full rebuild
+would give them (tests/unit/test_golden_incremental.py). A full rebuild runs on the first build, when the
+entity's configuration changed (`config_hash`), or when asked (`build(..., full=True)`).
 
 How a golden value is chosen (per field, see docs/golden.md): among the linked records of the candidate
 systems (`CanonicalField.candidate_systems`), blanks never win over values; then
@@ -17,6 +24,7 @@ records they had when the request was made (identity.erased_records) never suppl
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 from typing import Any
@@ -139,9 +147,53 @@ def _config_tables(con, ent: EntityConfig) -> None:
         con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS {body}")
 
 
-def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
-    """Rebuild golden.<entity> from staging + xref, extend its lineage, record conflicts and disagreements.
+def config_hash(ent: EntityConfig) -> str:
+    """Changes when anything that decides golden values changes (fields, strategies, sources' mappings)."""
+    payload = ent.model_dump(mode="json", include={"fields", "sources"})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
+
+def _staging_has_run_ids(con, ent: EntityConfig, entity: str) -> bool:
+    """Staging written by the extract stage says which run extracted each row (`_run_id`)."""
+    tables = [f"{s}__{entity}" for s in ent.sources]
+    n = con.execute(f"""SELECT count(DISTINCT table_name) FROM information_schema.columns
+                        WHERE table_schema = 'staging' AND column_name = '_run_id'
+                          AND table_name IN ({', '.join(map(sql_literal, tables))})""").fetchone()[0]
+    return n == sum(_exists(con, f"staging.{t}") for t in tables)
+
+
+def _dirty_sql(con, ent: EntityConfig, entity: str, prev_run_id: str, prev_run_at) -> str:
+    """Xids whose golden row may differ from the last build's (see the module docstring)."""
+    e = sql_literal(entity)
+    runs = (f"SELECT run_id FROM audit.runs WHERE entity = {e} AND run_at >= {sql_literal(str(prev_run_at))} "
+            f"AND run_id <> {sql_literal(prev_run_id)}")
+    touched = []
+    for system in sorted(ent.sources):
+        table = staging_table(system, entity)
+        if not _exists(con, table):
+            continue
+        touched.append(f"SELECT {sql_literal(system)} AS system, _record_key FROM {table} WHERE _run_id IN ({runs})")
+        if _exists(con, f"{table}_history"):
+            touched.append(f"SELECT {sql_literal(system)}, _record_key FROM {table}_history "
+                           f"WHERE _change = 'delete' AND _run_id IN ({runs})")
+    records = "\nUNION ALL\n".join(touched) or "SELECT NULL::VARCHAR AS system, NULL::VARCHAR AS _record_key WHERE FALSE"
+    active = f"SELECT xid FROM identity.xids WHERE entity = {e} AND status = 'active'"
+    return f"""
+        SELECT x.xid FROM identity.xref x JOIN ({records}) t ON t.system = x.system AND t._record_key = x.record_key
+        WHERE x.entity = {e}
+        UNION SELECT xid FROM identity.xref_history WHERE entity = {e} AND run_id IN ({runs})
+        UNION SELECT previous_xid FROM identity.xref_history
+              WHERE entity = {e} AND run_id IN ({runs}) AND previous_xid IS NOT NULL
+        UNION SELECT xid FROM identity.erasures WHERE entity = {e}
+        UNION (SELECT xid FROM {lineage_table(entity)} WHERE valid_to IS NULL EXCEPT {active})
+        UNION (SELECT xid FROM {golden_table(entity)} EXCEPT {active})"""
+
+
+def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime, full: bool = False) -> dict:
+    """Build golden.<entity> from staging + xref, extend its lineage, record conflicts and disagreements.
+
+    Incremental unless this is the first build, the entity's configuration changed or `full` is set: only
+    the dirty xids are rebuilt (the summary's `mode`, `reason` and `rebuilt` say which and how many).
     Idempotent per run id: a run that already built golden returns its recorded summary. Runs must be built
     in run_at order (lineage intervals only move forwards).
     """
@@ -154,12 +206,24 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
         if newest is not None and run_at < newest:
             raise ReconcileError(f"run {run_id!r} (run_at {run_at}) is older than the newest golden history "
                                  f"({newest}); golden records are built in run order")
+        chash = config_hash(ent)
+        prev = con.execute("""SELECT run_id, finished_at, result FROM audit.stage_runs
+                              WHERE entity = ? AND stage = ? AND run_id <> ?
+                              ORDER BY finished_at DESC, run_id DESC LIMIT 1""", [entity, STAGE, run_id]).fetchone()
+        reason = ("requested" if full else "first build" if prev is None
+                  else "no golden table" if not _exists(con, gtable)
+                  else "entity configuration changed" if json.loads(prev[2]).get("config_hash") != chash
+                  else "staging without run ids" if not _staging_has_run_ids(con, ent, entity) else None)
+        incremental = reason is None
+        dirty = _dirty_sql(con, ent, entity, prev[0], prev[1]) if incremental else "SELECT NULL::VARCHAR AS xid"
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _dirty AS SELECT DISTINCT xid FROM ({dirty}) WHERE xid IS NOT NULL")
+        only_dirty = "AND x.xid IN (SELECT xid FROM _dirty)" if incremental else ""
         # Links of active, non-erased xids, without the records an erased person had.
-        con.execute("""
+        con.execute(f"""
             CREATE OR REPLACE TEMP TABLE _links AS
             SELECT x.xid, x.system, x.record_key
             FROM identity.xref x JOIN identity.xids i ON i.xid = x.xid AND i.entity = x.entity AND i.status = 'active'
-            WHERE x.entity = $1
+            WHERE x.entity = $1 {only_dirty}
               AND NOT EXISTS (SELECT 1 FROM identity.erasures r WHERE r.entity = $1 AND r.xid = x.xid)
               AND NOT EXISTS (SELECT 1 FROM identity.erased_records r
                               WHERE r.entity = $1 AND r.system = x.system AND r.record_key = x.record_key)
@@ -197,8 +261,13 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
             LEFT JOIN _ranked w ON w.xid = p.xid AND w.field = f.field AND w.rn = 1
         """)
 
-        # Conflicts: the supplying system had several records on the xid with different values.
+        # Conflicts: the supplying system had several records on the xid with different values. Those of
+        # xids not rebuilt are the last build's.
         con.execute(f"DELETE FROM {ctable} WHERE run_id = ?", [run_id])
+        if incremental:
+            con.execute(f"""INSERT INTO {ctable} (run_id, xid, field, system, chosen_record_key, chosen_value, candidates)
+                            SELECT $1, xid, field, system, chosen_record_key, chosen_value, candidates FROM {ctable}
+                            WHERE run_id = $2 AND xid NOT IN (SELECT xid FROM _dirty)""", [run_id, prev[0]])
         con.execute(f"""
             INSERT INTO {ctable}
             SELECT $1, n.xid, n.field, n.source_system, n.source_record_key, n.value,
@@ -217,13 +286,14 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
             LEFT JOIN {ltable} l ON l.valid_to IS NULL AND l.xid = n.xid AND l.field = n.field
             WHERE l.xid IS NULL OR l.value IS DISTINCT FROM n.value
         """)
+        scope = "AND xid IN (SELECT xid FROM _dirty)" if incremental else ""
         removed = con.execute(f"""SELECT count(DISTINCT xid) FROM {ltable}
-                                  WHERE valid_to IS NULL AND xid NOT IN (SELECT xid FROM _present)""").fetchone()[0]
+                                  WHERE valid_to IS NULL AND xid NOT IN (SELECT xid FROM _present) {scope}""").fetchone()[0]
         # SCD-2: close every current row whose value or source is no longer what we believe (or whose xid is
         # gone: merged, retired, erased), then open a row wherever no current one is left.
         con.execute(f"""
             UPDATE {ltable} AS l SET valid_to = $1
-            WHERE l.valid_to IS NULL AND NOT EXISTS (
+            WHERE l.valid_to IS NULL {scope.replace('xid IN', 'l.xid IN')} AND NOT EXISTS (
                 SELECT 1 FROM _new n
                 WHERE n.xid = l.xid AND n.field = l.field AND n.value IS NOT DISTINCT FROM l.value
                   AND n.source_system IS NOT DISTINCT FROM l.source_system
@@ -239,13 +309,17 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
         """, [run_id, run_at])
 
         # The golden table: one typed row per xid; unchanged rows keep the run that last changed them.
-        prev = (f"SELECT xid, _run_id, _updated_at FROM {gtable}" if _exists(con, gtable)
-                else "SELECT NULL::VARCHAR AS xid, NULL::VARCHAR AS _run_id, NULL::TIMESTAMP AS _updated_at WHERE FALSE")
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _prev AS {prev}")
+        before = (f"SELECT xid, _run_id, _updated_at FROM {gtable} {'WHERE ' + scope[4:] if scope else ''}"
+                  if _exists(con, gtable)
+                  else "SELECT NULL::VARCHAR AS xid, NULL::VARCHAR AS _run_id, NULL::TIMESTAMP AS _updated_at WHERE FALSE")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _prev AS {before}")
         cols = [(f, _SQL_TYPES[spec.type]) for f, spec in ent.fields.items()]
-        con.execute(f"""CREATE OR REPLACE TABLE {gtable} (xid VARCHAR PRIMARY KEY,
-                        {''.join(f'{q(f)} {t}, ' for f, t in cols)}_run_id VARCHAR NOT NULL,
-                        _updated_at TIMESTAMP NOT NULL)""")
+        if incremental:
+            con.execute(f"DELETE FROM {gtable} WHERE xid IN (SELECT xid FROM _dirty)")
+        else:
+            con.execute(f"""CREATE OR REPLACE TABLE {gtable} (xid VARCHAR PRIMARY KEY,
+                            {''.join(f'{q(f)} {t}, ' for f, t in cols)}_run_id VARCHAR NOT NULL,
+                            _updated_at TIMESTAMP NOT NULL)""")
         pivot = ", ".join(f"CAST(max(value) FILTER (WHERE field = {sql_literal(f)}) AS {t}) AS {q(f)}" for f, t in cols)
         con.execute(f"""
             INSERT INTO {gtable}
@@ -257,16 +331,9 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
             ORDER BY g.xid
         """, [run_id, run_at])
 
-        # The sync assessment: linked records whose staged value differs from the golden one.
+        # The sync assessment: linked records whose staged value differs from the golden one (every xid).
         con.execute("DELETE FROM audit.disagreements WHERE run_id = ? AND entity = ?", [run_id, entity])
-        con.execute("""
-            INSERT INTO audit.disagreements
-            SELECT $1, $2, v.field, v.system, count(*),
-                   count(*) FILTER (WHERE v.value IS NOT NULL AND v.value IS DISTINCT FROM n.value),
-                   count(*) FILTER (WHERE v.value IS NULL AND n.value IS NOT NULL)
-            FROM _values v JOIN _new n ON n.xid = v.xid AND n.field = v.field
-            GROUP BY v.field, v.system ORDER BY v.field, v.system
-        """, [run_id, entity])
+        _disagreements(con, ent, entity, run_id)
 
         by_field = dict(con.execute("""SELECT field, sum(disagreeing)::BIGINT FROM audit.disagreements
                                        WHERE run_id = ? AND entity = ? GROUP BY field""", [run_id, entity]).fetchall())
@@ -275,16 +342,51 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
             "changed": con.execute("SELECT count(*) FROM _changed").fetchone()[0],
             "removed": removed,
             "conflicts": con.execute(f"SELECT count(*) FROM {ctable} WHERE run_id = ?", [run_id]).fetchone()[0],
+            "mode": "incremental" if incremental else "full",
+            "reason": reason or "rows, links or decisions changed since the last build",
+            "rebuilt": con.execute("SELECT count(*) FROM _dirty" if incremental
+                                   else "SELECT count(*) FROM _present").fetchone()[0],
+            "config_hash": chash,
             "erased": con.execute("SELECT count(*) FROM identity.erasures WHERE entity = ?", [entity]).fetchone()[0],
             "disagreements": {f: int(by_field.get(f, 0)) for f in ent.fields},
         }
         return summary
 
     summary = once(con, run_id, entity, STAGE, run_at, _body)
-    for t in ("_links", "_values", "_present", "_fields", "_cands", "_restrictive", "_ranked", "_new", "_changed",
-              "_prev"):
+    for t in ("_dirty", "_links", "_values", "_present", "_fields", "_cands", "_restrictive", "_ranked", "_new",
+              "_changed", "_prev"):
         con.execute(f"DROP TABLE IF EXISTS {t}")
     return summary
+
+
+def _disagreements(con, ent: EntityConfig, entity: str, run_id: str) -> None:
+    """audit.disagreements for every golden xid: per system, one join of its staging table, its links and the
+    golden table, counting per field the records whose (text, blank as NULL) value differs or is missing."""
+    rows = []
+    for system in sorted(ent.sources):
+        table = staging_table(system, entity)
+        fields = [f for f in ent.sources[system].fields if f in ent.fields]
+        if not fields or not _exists(con, table):
+            continue
+        counts = []
+        for f in fields:
+            text = f"CAST(s.{q(f)} AS VARCHAR)"
+            v, g = f"CASE WHEN trim({text}) = '' THEN NULL ELSE {text} END", f"CAST(g.{q(f)} AS VARCHAR)"
+            counts += [f"count(*) FILTER (WHERE {v} IS NOT NULL AND {v} IS DISTINCT FROM {g})",
+                       f"count(*) FILTER (WHERE {v} IS NULL AND {g} IS NOT NULL)"]
+        got = con.execute(f"""
+            SELECT count(*), {', '.join(counts)}
+            FROM identity.xref x JOIN {golden_table(entity)} g ON g.xid = x.xid
+            JOIN {table} s ON s._record_key = x.record_key
+            WHERE x.entity = $1 AND x.system = $2
+              AND NOT EXISTS (SELECT 1 FROM identity.erased_records r
+                              WHERE r.entity = $1 AND r.system = x.system AND r.record_key = x.record_key)
+        """, [entity, system]).fetchone()
+        if got[0]:
+            rows += [(run_id, entity, f, system, got[0], got[1 + 2 * i], got[2 + 2 * i]) for i, f in enumerate(fields)]
+    if rows:
+        con.executemany("""INSERT INTO audit.disagreements (run_id, entity, field, system, records, disagreeing, missing)
+                           VALUES (?, ?, ?, ?, ?, ?, ?)""", sorted(rows, key=lambda r: (r[2], r[3])))
 
 
 # ----------------------------------------------------------------------------------------------------------

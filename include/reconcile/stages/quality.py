@@ -193,7 +193,9 @@ def _gx():
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
 
-    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    # Some GX modules set their own loggers to INFO (e.g. one line per ephemeral docs site): quiet them all.
+    for name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "great_expectations"]:
+        logging.getLogger(name).setLevel(logging.ERROR)
     return gx
 
 
