@@ -20,15 +20,18 @@ from pathlib import Path
 from .config import Config, resolve_url
 from .errors import ReconcileError
 from .html.datadocs import make_offline
-from .stages import extract as extract_stage
-from .stages import golden as golden_stage
-from .stages import load as load_stage
-from .stages import plan as plan_stage
-from .stages import privacy as privacy_stage
-from .stages import identity as identity_stage
-from .stages import quality as quality_stage
+from .lazy import lazy_module
 from .runstore import RunFolder, prune
 from .warehouse import open_work, publish, safe_name
+
+# Stage modules load on first use, so a CLI verb or an Airflow task imports only what it runs.
+extract_stage = lazy_module("reconcile.stages.extract")
+golden_stage = lazy_module("reconcile.stages.golden")
+load_stage = lazy_module("reconcile.stages.load")
+plan_stage = lazy_module("reconcile.stages.plan")
+privacy_stage = lazy_module("reconcile.stages.privacy")
+identity_stage = lazy_module("reconcile.stages.identity")
+quality_stage = lazy_module("reconcile.stages.quality")
 
 Progress = Callable[[str], None]
 
