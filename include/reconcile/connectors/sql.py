@@ -88,7 +88,8 @@ class SqlConnector:
                      batch_size: int) -> Iterator[pa.Table]:
         stmt = self.statement(source, columns, since)
         try:
-            yield from self._columnar(stmt, columns, batch_size) or self._rows(stmt, columns, batch_size)
+            yield from (self._columnar(stmt, columns, batch_size, source.table)
+                        or self._rows(stmt, columns, batch_size))
         except Exception as e:
             raise self._fail(f"cannot read {source.table or 'query'}", e) from None
 
@@ -102,7 +103,8 @@ class SqlConnector:
             for rows in result.partitions(batch_size):
                 yield _to_arrow(columns, rows)
 
-    def _columnar(self, stmt, columns: list[str], batch_size: int) -> Iterator[pa.Table] | None:
+    def _columnar(self, stmt, columns: list[str], batch_size: int,
+                  table: str | None = None) -> Iterator[pa.Table] | None:
         """The ADBC reader for this statement, or None where the row path must read it (see module doc).
 
         Uses the driver manager's low-level API: its DB-API module imports pandas, seconds per process."""
@@ -113,7 +115,7 @@ class SqlConnector:
         if backend == "sqlite" and u.database and u.database != ":memory:" and not u.database.startswith("file:"):
             import adbc_driver_sqlite
 
-            if not self._sqlite_uniform(stmt, columns):
+            if not self._sqlite_uniform(stmt, columns, table):
                 return None
             db = adbc_driver_sqlite.connect(u.database)
             options = {"adbc.sqlite.query.batch_rows": str(batch_size)}
@@ -144,19 +146,38 @@ class SqlConnector:
         _close(handles)
         return None
 
-    def _sqlite_uniform(self, stmt, columns: list[str]) -> bool:
+    def _sqlite_uniform(self, stmt, columns: list[str], table: str | None) -> bool:
         """True when every column holds one SQLite storage class (besides NULL) and no BLOB: the ADBC driver
         types a column by its first rows and fails on a later row of another class, and the row path renders
-        mixed columns value by value. One scan of the source, far cheaper than reading it row by row."""
-        sub = stmt.order_by(None).subquery("src")
-        probes = []
+        mixed columns value by value. Columns of a table declared with TEXT affinity (CHAR, CLOB, TEXT) hold
+        text or NULL (SQLite converts numbers stored there), and an INTEGER PRIMARY KEY only integers: only
+        the other columns are scanned, in one pass that stops at the first row of another class."""
+        declared: dict[str, tuple[str, bool]] = {}
+        if table is not None:
+            schema, _, name = table.rpartition(".")
+            quote = self.engine.dialect.identifier_preparer.quote
+            pragma = f"PRAGMA {quote(schema) + '.' if schema else ''}table_info({quote(name)})"
+            with self.engine.connect() as conn:
+                declared = {r[1]: (str(r[2] or "").upper(), bool(r[5])) for r in conn.exec_driver_sql(pragma)}
+        todo = []
         for c in columns:
-            t = sa.func.typeof(sub.c[c])
-            probes.append(sa.func.count(sa.distinct(sa.case((t != "null", t)))))
-            probes.append(sa.func.coalesce(sa.func.max(sa.case((t == "blob", 1), else_=0)), 0))
+            ctype, pk = declared.get(c, ("", False))
+            if any(k in ctype for k in ("CHAR", "CLOB", "TEXT")) or (ctype == "INTEGER" and pk):
+                continue
+            todo.append(c)
+        if not todo:
+            return True
+        sub = stmt.order_by(None).subquery("src")
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(*probes)).one()
-        return all(row[i] <= 1 for i in range(0, len(row), 2)) and not any(row[i] for i in range(1, len(row), 2))
+            # The storage class of each column's first non-NULL value, then any row holding another one.
+            kinds = {}
+            for c in todo:
+                got = conn.execute(sa.select(sa.func.typeof(sub.c[c])).where(sub.c[c].is_not(None)).limit(1)).first()
+                kinds[c] = got[0] if got else None
+            if "blob" in kinds.values():
+                return False
+            other = [sa.and_(sub.c[c].is_not(None), sa.func.typeof(sub.c[c]) != k) for c, k in kinds.items() if k]
+            return not other or not conn.execute(sa.select(sa.exists().where(sa.or_(*other)))).scalar()
 
     def close(self) -> None:
         self.engine.dispose()
