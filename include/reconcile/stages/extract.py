@@ -23,11 +23,9 @@ from ..connectors import connect
 from ..errors import ReconcileError
 from ..runstore import RunFolder
 from ..transforms import EMAIL_PATTERN, apply_steps, quote_ident as q, sql_literal
-from ..warehouse import once, staging_table
+from ..warehouse import SQL_TYPES, once, staging_table, table_exists
 
 STAGE = "extract"
-
-_TYPE_SQL = {"boolean": "BOOLEAN", "integer": "BIGINT", "number": "DOUBLE", "date": "DATE"}
 
 
 def source_columns(source: SourceConfig, xid_column: str | None = None) -> list[str]:
@@ -132,7 +130,7 @@ def _typed(expr: str, ftype: str) -> str:
     if ftype == "integer":  # never round: '12.5' is not an integer (quarantined), '12.0' is 12
         return (f"(CASE WHEN TRY_CAST({expr} AS DOUBLE) = floor(TRY_CAST({expr} AS DOUBLE)) "
                 f"THEN TRY_CAST(TRY_CAST({expr} AS DOUBLE) AS BIGINT) END)")
-    return f"TRY_CAST({expr} AS {_TYPE_SQL[ftype]})"
+    return f"TRY_CAST({expr} AS {SQL_TYPES[ftype]})"
 
 
 def stage_entity(con, cfg: Config, entity: str, run_id: str, run_at: datetime, manifest: dict,
@@ -225,7 +223,7 @@ def _stage_source(con, cfg: Config, entity: str, system: str, source: SourceConf
         FROM _ext
     """)
     con.execute(
-        """INSERT INTO audit.quarantine
+        """INSERT INTO audit.quarantine (run_id, entity, system, record_key, reason, raw, quarantined_at)
            SELECT ?, ?, ?, _record_key, _reasons, _raw_json, ? FROM _cand WHERE _reasons <> ''""",
         [run_id, entity, system, run_at],
     )
@@ -238,11 +236,7 @@ def _stage_source(con, cfg: Config, entity: str, system: str, source: SourceConf
     """)
     con.execute(f"CREATE OR REPLACE TEMP TABLE _good AS SELECT *, {row_hash} AS _row_hash FROM _good")
 
-    exists = con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'staging' AND table_name = ?",
-        [f"{system}__{entity}"],
-    ).fetchone()[0]
-    if not exists:
+    if not table_exists(con, table):
         con.execute(f"CREATE TABLE {table} AS SELECT * FROM _good LIMIT 0")
     prev = table
     full = plan["mode"] == "full"
@@ -308,12 +302,15 @@ def _stage_source(con, cfg: Config, entity: str, system: str, source: SourceConf
     watermark = max([w for w in (newest, old[0] if old else None) if w is not None], default=None)
     runs_since_full = 0 if full else ((old[1] if old else 0) + 1)
     con.execute(
-        """INSERT OR REPLACE INTO audit.watermarks VALUES (?, ?, ?, ?, ?, ?)""",
+        """INSERT OR REPLACE INTO audit.watermarks (entity, system, watermark, source_hash, runs_since_full,
+                                                    last_full_run_id) VALUES (?, ?, ?, ?, ?, ?)""",
         [entity, system, watermark, plan["source_hash"], runs_since_full,
          run_id if full else (old[2] if old else None)],
     )
     con.execute(
-        "INSERT OR REPLACE INTO audit.extracts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        """INSERT OR REPLACE INTO audit.extracts (run_id, entity, system, mode, since, extracted, accepted,
+                                                  quarantined, inserted, updated, deleted, staged, watermark)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         [run_id, entity, system, plan["mode"], plan["since"], extracted, extracted - quarantined, quarantined,
          inserted, updated, deleted, staged, watermark],
     )

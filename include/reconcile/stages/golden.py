@@ -32,13 +32,9 @@ from typing import Any
 from ..config.models import Config, EntityConfig
 from ..errors import ReconcileError
 from ..transforms import quote_ident as q, sql_literal
-from ..warehouse import once, staging_table
+from ..warehouse import SQL_TYPES, once, staging_table, table_exists, transaction
 
 STAGE = "golden"
-
-_SQL_TYPES = {"string": "VARCHAR", "boolean": "BOOLEAN", "integer": "BIGINT", "number": "DOUBLE", "date": "DATE",
-              "timestamp": "TIMESTAMP"}
-
 
 def golden_table(entity: str) -> str:
     return f"golden.{entity}"
@@ -64,12 +60,6 @@ def erased_keys_sql(entity: str) -> str:
     return (f"SELECT system, record_key, xid FROM identity.erased_records WHERE entity = {e} "
             f"UNION SELECT x.system, x.record_key, x.xid FROM identity.xref x "
             f"JOIN identity.erasures r ON r.entity = x.entity AND r.xid = x.xid WHERE x.entity = {e}")
-
-
-def _exists(con, qualified: str) -> bool:
-    schema, name = qualified.split(".", 1)
-    return con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
-                       [schema, name]).fetchone()[0] > 0
 
 
 def ensure_tables(con, entity: str) -> None:
@@ -102,7 +92,7 @@ def _values_sql(con, ent: EntityConfig, entity: str) -> str:
     parts = []
     for system in sorted(ent.sources):
         table = staging_table(system, entity)
-        if not _exists(con, table):
+        if not table_exists(con, table):
             continue
         for fname in ent.sources[system].fields:
             if fname not in ent.fields:
@@ -122,7 +112,7 @@ def _present_sql(con, ent: EntityConfig, entity: str) -> str:
     """Xids with at least one linked, non-erased record still in staging: the xids that get a golden row."""
     parts = [f"SELECT l.xid FROM _links l JOIN {staging_table(s, entity)} s ON s._record_key = l.record_key "
              f"WHERE l.system = {sql_literal(s)}"
-             for s in sorted(ent.sources) if _exists(con, staging_table(s, entity))]
+             for s in sorted(ent.sources) if table_exists(con, staging_table(s, entity))]
     return "\nUNION\n".join(parts) if parts else "SELECT NULL::VARCHAR AS xid WHERE FALSE"
 
 
@@ -136,7 +126,7 @@ def _config_tables(con, ent: EntityConfig) -> None:
         for rank, system in enumerate(field.candidate_systems(mapped_by)):
             cands.append(f"SELECT {sql_literal(fname)} AS field, {sql_literal(system)} AS system, {rank} AS sys_rank")
         for rank, value in enumerate(field.restrictive_values):
-            ftype = _SQL_TYPES[field.type]
+            ftype = SQL_TYPES[field.type]
             # Compared as text exactly as staged values are: the typed value cast back to VARCHAR.
             restrictive.append(f"SELECT {sql_literal(fname)} AS field, "
                                f"CAST(CAST({sql_literal(value)} AS {ftype}) AS VARCHAR) AS value, {rank} AS vrank")
@@ -159,7 +149,7 @@ def _staging_has_run_ids(con, ent: EntityConfig, entity: str) -> bool:
     n = con.execute(f"""SELECT count(DISTINCT table_name) FROM information_schema.columns
                         WHERE table_schema = 'staging' AND column_name = '_run_id'
                           AND table_name IN ({', '.join(map(sql_literal, tables))})""").fetchone()[0]
-    return n == sum(_exists(con, f"staging.{t}") for t in tables)
+    return n == sum(table_exists(con, f"staging.{t}") for t in tables)
 
 
 def _dirty_sql(con, ent: EntityConfig, entity: str, prev_run_id: str, prev_run_at) -> str:
@@ -170,10 +160,10 @@ def _dirty_sql(con, ent: EntityConfig, entity: str, prev_run_id: str, prev_run_a
     touched = []
     for system in sorted(ent.sources):
         table = staging_table(system, entity)
-        if not _exists(con, table):
+        if not table_exists(con, table):
             continue
         touched.append(f"SELECT {sql_literal(system)} AS system, _record_key FROM {table} WHERE _run_id IN ({runs})")
-        if _exists(con, f"{table}_history"):
+        if table_exists(con, f"{table}_history"):
             touched.append(f"SELECT {sql_literal(system)}, _record_key FROM {table}_history "
                            f"WHERE _change = 'delete' AND _run_id IN ({runs})")
     records = "\nUNION ALL\n".join(touched) or "SELECT NULL::VARCHAR AS system, NULL::VARCHAR AS _record_key WHERE FALSE"
@@ -211,7 +201,7 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime, full: bo
                               WHERE entity = ? AND stage = ? AND run_id <> ?
                               ORDER BY finished_at DESC, run_id DESC LIMIT 1""", [entity, STAGE, run_id]).fetchone()
         reason = ("requested" if full else "first build" if prev is None
-                  else "no golden table" if not _exists(con, gtable)
+                  else "no golden table" if not table_exists(con, gtable)
                   else "entity configuration changed" if json.loads(prev[2]).get("config_hash") != chash
                   else "staging without run ids" if not _staging_has_run_ids(con, ent, entity) else None)
         incremental = reason is None
@@ -269,7 +259,7 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime, full: bo
                             SELECT $1, xid, field, system, chosen_record_key, chosen_value, candidates FROM {ctable}
                             WHERE run_id = $2 AND xid NOT IN (SELECT xid FROM _dirty)""", [run_id, prev[0]])
         con.execute(f"""
-            INSERT INTO {ctable}
+            INSERT INTO {ctable} (run_id, xid, field, system, chosen_record_key, chosen_value, candidates)
             SELECT $1, n.xid, n.field, n.source_system, n.source_record_key, n.value,
                    to_json(list(struct_pack(record_key := r.record_key, value := r.value,
                                             source_modified_at := r.modified_at) ORDER BY r.rn))
@@ -300,7 +290,8 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime, full: bo
                   AND n.source_record_key IS NOT DISTINCT FROM l.source_record_key)
         """, [run_at])
         con.execute(f"""
-            INSERT INTO {ltable}
+            INSERT INTO {ltable} (xid, field, value, source_system, source_record_key, source_modified_at, rule,
+                                  run_id, valid_from, valid_to)
             SELECT n.xid, n.field, n.value, n.source_system, n.source_record_key, n.source_modified_at, n.rule,
                    $1, $2, NULL
             FROM _new n
@@ -310,10 +301,10 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime, full: bo
 
         # The golden table: one typed row per xid; unchanged rows keep the run that last changed them.
         before = (f"SELECT xid, _run_id, _updated_at FROM {gtable} {'WHERE ' + scope[4:] if scope else ''}"
-                  if _exists(con, gtable)
+                  if table_exists(con, gtable)
                   else "SELECT NULL::VARCHAR AS xid, NULL::VARCHAR AS _run_id, NULL::TIMESTAMP AS _updated_at WHERE FALSE")
         con.execute(f"CREATE OR REPLACE TEMP TABLE _prev AS {before}")
-        cols = [(f, _SQL_TYPES[spec.type]) for f, spec in ent.fields.items()]
+        cols = [(f, SQL_TYPES[spec.type]) for f, spec in ent.fields.items()]
         if incremental:
             con.execute(f"DELETE FROM {gtable} WHERE xid IN (SELECT xid FROM _dirty)")
         else:
@@ -366,7 +357,7 @@ def _disagreements(con, ent: EntityConfig, entity: str, run_id: str) -> None:
     for system in sorted(ent.sources):
         table = staging_table(system, entity)
         fields = [f for f in ent.sources[system].fields if f in ent.fields]
-        if not fields or not _exists(con, table):
+        if not fields or not table_exists(con, table):
             continue
         counts = []
         for f in fields:
@@ -406,21 +397,18 @@ def erase(con, entity: str, xid: str, *, request_id: str, requested_at: datetime
     if old:
         return {"entity": entity, "xid": xid, "request_id": old[0], "requested_at": old[1], "requested_by": old[2],
                 "reason": old[3], "already": True, "records": _erased_records(con, entity, xid)}
-    con.execute("BEGIN TRANSACTION")
-    try:
-        con.execute("INSERT INTO identity.erasures VALUES (?, ?, ?, ?, ?, ?, ?, 'requested')",
+    with transaction(con):
+        con.execute("""INSERT INTO identity.erasures (entity, xid, request_id, requested_at, requested_by, reason,
+                                                      matched_by, status)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, 'requested')""",
                     [entity, xid, request_id, requested_at, requested_by, reason, matched_by])
-        con.execute("""INSERT OR IGNORE INTO identity.erased_records
+        con.execute("""INSERT OR IGNORE INTO identity.erased_records (entity, system, record_key, xid, request_id)
                        SELECT entity, system, record_key, xid, ? FROM identity.xref WHERE entity = ? AND xid = ?""",
                     [request_id, entity, xid])
-        if _exists(con, golden_table(entity)):
+        if table_exists(con, golden_table(entity)):
             con.execute(f"DELETE FROM {golden_table(entity)} WHERE xid = ?", [xid])
         con.execute(f"UPDATE {lineage_table(entity)} SET valid_to = greatest(valid_from, ?) "
                     f"WHERE xid = ? AND valid_to IS NULL", [requested_at, xid])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return {"entity": entity, "xid": xid, "request_id": request_id, "requested_at": requested_at,
             "requested_by": requested_by, "reason": reason, "already": False,
             "records": _erased_records(con, entity, xid)}
@@ -456,9 +444,9 @@ def find_xids(con, cfg: Config, entity: str, *, email: str | None = None, xid: s
         for system in sorted(ent.sources):
             fields = email_fields(ent, system)
             table = staging_table(system, entity)
-            if not fields or not _exists(con, table):
+            if not fields or not table_exists(con, table):
                 continue
-            tables = [table] + ([f"{table}_history"] if _exists(con, f"{table}_history") else [])
+            tables = [table] + ([f"{table}_history"] if table_exists(con, f"{table}_history") else [])
             match = " OR ".join(f"{q(f)} = lower(trim($1))" for f in fields)
             keys = " UNION ".join(f"SELECT _record_key FROM {t} WHERE {match}" for t in tables)
             rows = con.execute(f"""
@@ -516,7 +504,7 @@ def person_report(con, cfg: Config, entity: str, xid: str) -> dict:
         system = link["system"]
         table = staging_table(system, entity)
         staged = []
-        if system in ent.sources and _exists(con, table):
+        if system in ent.sources and table_exists(con, table):
             fields = [f for f in ent.sources[system].fields if f in ent.fields]
             staged = _rows(con, f"SELECT _source_modified_at, {', '.join(q(f) for f in fields)} FROM {table} "
                                 f"WHERE _record_key = ?", [link["record_key"]])
@@ -527,14 +515,14 @@ def person_report(con, cfg: Config, entity: str, xid: str) -> dict:
         records.append(rec)
 
     golden_row, history, conflicts = None, [], []
-    if _exists(con, golden_table(entity)):
+    if table_exists(con, golden_table(entity)):
         got = _rows(con, f"SELECT * FROM {golden_table(entity)} WHERE xid = ?", [xid])
         golden_row = got[0] if got else None
-    if _exists(con, lineage_table(entity)):
+    if table_exists(con, lineage_table(entity)):
         history = _rows(con, f"""SELECT field, value, source_system, source_record_key, source_modified_at, rule,
                                         run_id, valid_from, valid_to FROM {lineage_table(entity)}
                                  WHERE xid = ? ORDER BY field, valid_from DESC""", [xid])
-    if _exists(con, conflicts_table(entity)):
+    if table_exists(con, conflicts_table(entity)):
         conflicts = _rows(con, f"""SELECT run_id, field, system, chosen_record_key, chosen_value, candidates
                                    FROM {conflicts_table(entity)} WHERE xid = ? AND run_id = (
                                        SELECT run_id FROM audit.stage_runs WHERE entity = ? AND stage = ?
@@ -575,7 +563,7 @@ def person_report(con, cfg: Config, entity: str, xid: str) -> dict:
 
 def _changes(con, entity: str, xid: str) -> list[dict] | None:
     """Every change written for this xid (audit.changes, from issue 6), or None while that table does not exist."""
-    if not _exists(con, "audit.changes"):
+    if not table_exists(con, "audit.changes"):
         return None
     cols = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
                                       "WHERE table_schema = 'audit' AND table_name = 'changes'").fetchall()}

@@ -16,7 +16,7 @@ from datetime import datetime
 from ..config.expressions import to_duckdb_sql
 from ..config.models import DEFAULT_CHANGE_THRESHOLDS, Config
 from ..transforms import quote_ident as q, sql_literal
-from ..warehouse import once, staging_table
+from ..warehouse import once, staging_table, table_exists
 from .golden import golden_table, lineage_table
 
 STAGE = "plan"
@@ -36,11 +36,6 @@ def _reverse(expr: str, steps) -> str:
     return f"(CASE {text} {whens} ELSE {text} END)"
 
 
-def _exists(con, schema: str, table: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
-                            [schema, table]).fetchone()[0])
-
-
 def plan(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
     """Write this run's changes for every target into audit.changes. Idempotent per run id."""
     ent = cfg.entities[entity]
@@ -48,9 +43,9 @@ def plan(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
     def _body() -> dict:
         con.execute("DELETE FROM audit.changes WHERE run_id = ? AND entity = ?", [run_id, entity])
         con.execute("DELETE FROM audit.approvals WHERE run_id = ? AND entity = ?", [run_id, entity])
-        has_golden = _exists(con, "golden", entity)
+        has_golden = table_exists(con, f"golden.{entity}")
         for target in sorted(ent.sources):
-            if not _exists(con, "staging", f"{target}__{entity}"):
+            if not table_exists(con, f"staging.{target}__{entity}"):
                 continue
             _plan_target(con, cfg, entity, target, run_id, run_at, has_golden)
         summary = _thresholds(con, cfg, entity, run_id, run_at)
@@ -124,7 +119,7 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
         present = " UNION ".join(
             f"SELECT x2.xid FROM identity.xref x2 JOIN {staging_table(s, entity)} s2 ON s2._record_key = x2.record_key "
             f"WHERE x2.entity = {e} AND x2.system = {sql_literal(s)}" for s in creators
-            if _exists(con, "staging", f"{s}__{entity}")) or "SELECT NULL::VARCHAR AS xid WHERE FALSE"
+            if table_exists(con, f"staging.{s}__{entity}")) or "SELECT NULL::VARCHAR AS xid WHERE FALSE"
         op_field = "'*'" if arch.hard_delete else sql_literal(arch.column or "")
         inserts.append(f"""
             SELECT {change_id('x.record_key', op_field, 'archive')}, {r}, {e}, {t}, x.record_key, x.xid, 'archive',

@@ -31,7 +31,7 @@ from typing import Any
 from ..config.expressions import to_duckdb_sql
 from ..config.models import DEFAULT_SEVERITY, Config, GateOverrides
 from ..transforms import EMAIL_PATTERN, quote_ident as q, sql_literal, staged_text
-from ..warehouse import once, staging_table
+from ..warehouse import SQL_TYPES, once, staging_table, table_exists, upsert_review_items
 
 STAGE = "gates"
 DEFAULTS = {"history_runs": 7, "max_growth": 0.5, "max_shrink": 0.3, "tolerance_rows": 5,
@@ -57,11 +57,6 @@ def duplicate_keys(cfg: Config, entity: str, system: str, gates: GateOverrides) 
 
 def _severity(gates: GateOverrides, kind: str) -> str:
     return gates.severity.get(kind, DEFAULT_SEVERITY[kind])
-
-
-def _has_table(con, name: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'staging' "
-                            "AND table_name = ?", [name]).fetchone()[0])
 
 
 def _history(con, entity: str, system: str, run_id: str, column: str, ok_column: str, n: int) -> list[float]:
@@ -136,7 +131,7 @@ def plan_suite(con, cfg: Config, entity: str, system: str, run_id: str, run_at: 
     # Records reconcile itself created last night come back as echo inserts: they shift the band, they are
     # not an anomaly.
     echo = con.execute(f"SELECT count(*) FROM {table}_history WHERE _run_id = ? AND _change = 'echo_insert'",
-                       [run_id]).fetchone()[0] if _has_table(con, f"{system}__{entity}_history") else 0
+                       [run_id]).fetchone()[0] if table_exists(con, f"{table}_history") else 0
     if baseline is not None:
         tol = DEFAULTS["tolerance_rows"] if v.tolerance_rows is None else v.tolerance_rows
         grow = DEFAULTS["max_growth"] if v.max_growth is None else v.max_growth
@@ -201,7 +196,7 @@ def _gx():
 
 def row_validation(con, cfg: Config, entity: str, system: str, run_id: str, suite_hash: str) -> tuple[str, str]:
     """('full' | 'changed', why): whether the row-level gates check every row this run or only changed ones."""
-    if not _has_table(con, f"{system}__{entity}_history"):
+    if not table_exists(con, f"{staging_table(system, entity)}_history"):
         return "full", "no change history"
     last = con.execute("""SELECT run_id, suite_hash FROM audit.sync_health
                           WHERE entity = ? AND system = ? AND run_id <> ? AND validation IS NOT NULL
@@ -373,7 +368,7 @@ def default_identities_sql(cfg: Config, entity: str, system: str) -> str:
     ent = cfg.entities[entity]
     mapped = set(ent.sources[system].fields)
     cols = ", ".join(
-        (q(f) if f in mapped else f"CAST(NULL AS {_sql_type(ent.fields[f].type)}) AS {q(f)}") for f in ent.fields)
+        (q(f) if f in mapped else f"CAST(NULL AS {SQL_TYPES[ent.fields[f].type]}) AS {q(f)}") for f in ent.fields)
     return (f"SELECT {sql_literal(system + ':')} || _record_key AS identity, "
             f"[struct_pack(system := {sql_literal(system)}, record_key := _record_key)] AS records, {cols} "
             f"FROM {staging_table(system, entity)}")
@@ -385,11 +380,6 @@ def golden_identities_sql(cfg: Config, entity: str, owner: str | None = None) ->
     return (f"SELECT g.xid AS identity, (SELECT list(struct_pack(system := x.system, record_key := x.record_key) "
             f"ORDER BY x.system, x.record_key) FROM identity.xref x WHERE x.entity = {sql_literal(entity)} "
             f"AND x.xid = g.xid) AS records, {cols} FROM golden.{entity} g")
-
-
-def _sql_type(ftype: str) -> str:
-    return {"string": "VARCHAR", "boolean": "BOOLEAN", "integer": "BIGINT", "number": "DOUBLE", "date": "DATE",
-            "timestamp": "TIMESTAMP"}[ftype]
 
 
 def find_collisions(con, cfg: Config, entity: str, run_id: str, run_at: datetime,
@@ -430,17 +420,10 @@ def find_collisions(con, cfg: Config, entity: str, run_id: str, run_at: datetime
                            sides := list(side ORDER BY identity))) AS details
                 FROM _collide GROUP BY value
             """)
+            upsert_review_items(con, f"SELECT item_id, {sql_literal(target)} AS system, title, details FROM _col_items",
+                                entity, "collision", run_id, run_at)
             con.execute(
-                """INSERT INTO review.items
-                   SELECT item_id, ?, 'collision', ?, 'open', title, details, ?, ?, ?, ? FROM _col_items
-                   ON CONFLICT (item_id) DO UPDATE SET
-                       status = CASE WHEN review.items.status IN ('decided', 'ignored') THEN review.items.status
-                                     ELSE 'open' END,
-                       title = excluded.title, details = excluded.details,
-                       last_seen_run = excluded.last_seen_run, updated_at = excluded.updated_at""",
-                [entity, target, run_id, run_id, run_at, run_at])
-            con.execute(
-                f"""INSERT INTO audit.holds
+                f"""INSERT INTO audit.holds (run_id, entity, target, identity, reason, item_id)
                     SELECT ?, ?, ?, c.identity,
                            {sql_literal(ufield + ' "')} || c.value || {sql_literal('" would be shared with another ' + entity + ' in ' + target)},
                            i.item_id
@@ -473,7 +456,10 @@ def record_gates(con, cfg: Config, entity: str, run_id: str, run_at: datetime, v
         for system, v in sorted(validations.items()):
             for r in v["results"]:
                 con.execute(
-                    "INSERT INTO audit.quality_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    """INSERT INTO audit.quality_results (run_id, entity, system, table_name, expectation, kind,
+                           gx_expectation, column_name, severity, success, observed_value, threshold,
+                           unexpected_count, sample, evaluated_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     [run_id, entity, system, v["table"], r["expectation"], r["kind"], r["gx_expectation"], r["column"],
                      r["severity"], r["success"], r["observed_value"], json.dumps(r["threshold"], default=str),
                      r["unexpected_count"], json.dumps(r["sample"]), run_at],
@@ -495,12 +481,14 @@ def record_gates(con, cfg: Config, entity: str, run_id: str, run_at: datetime, v
             if not errors:
                 continue
             reason = f"error gate(s) failed on {v['table']}: {', '.join(errors)}"
-            con.execute("INSERT INTO audit.write_blocks VALUES (?, ?, ?, '*', ?, ?)",
+            con.execute("INSERT INTO audit.write_blocks (run_id, entity, target, field, source_system, reason) "
+                        "VALUES (?, ?, ?, '*', ?, ?)",
                         [run_id, entity, system, system, reason])
             for fname, field in sorted(ent.fields.items()):
                 if field.owner == system:
                     for target in field.send_to:
-                        con.execute("INSERT INTO audit.write_blocks VALUES (?, ?, ?, ?, ?, ?)",
+                        con.execute("INSERT INTO audit.write_blocks (run_id, entity, target, field, source_system, "
+                                    "reason) VALUES (?, ?, ?, ?, ?, ?)",
                                     [run_id, entity, target, fname, system, reason])
 
         for system, v in sorted(validations.items()):

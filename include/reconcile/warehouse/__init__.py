@@ -6,6 +6,9 @@ Two files, on purpose:
   atomically (copy, then rename) when a run finishes, so an analyst holding it open keeps a consistent
   snapshot and never blocks or sees a half-finished run.
 Parallel extract tasks never open either file: they write Parquet into the run's folder (runstore.py).
+
+Also the SQL toolkit every stage shares: `table_exists`, `transaction`, `SQL_TYPES` (field type -> DuckDB
+type), `upsert_review_items` and `once` (a stage at most once per run id).
 """
 from __future__ import annotations
 
@@ -26,7 +29,12 @@ from ..errors import ReconcileError
 from ..transforms import register_functions, sql_literal
 from .ddl import ensure_schema
 
-__all__ = ["once", "open_work", "publish", "open_published", "ensure_schema", "safe_name", "staging_table"]
+__all__ = ["once", "open_work", "publish", "open_published", "ensure_schema", "safe_name", "staging_table",
+           "table_exists", "transaction", "SQL_TYPES", "upsert_review_items"]
+
+# Canonical field type -> DuckDB column type (staging, golden, collision identities).
+SQL_TYPES = {"string": "VARCHAR", "boolean": "BOOLEAN", "integer": "BIGINT", "number": "DOUBLE", "date": "DATE",
+             "timestamp": "TIMESTAMP"}
 
 LOCK_WAIT_SECONDS = 1800
 
@@ -34,6 +42,42 @@ LOCK_WAIT_SECONDS = 1800
 def staging_table(system: str, entity: str) -> str:
     """The staging table of one system's entity, e.g. staging.crm__contact."""
     return f"staging.{system}__{entity}"
+
+
+def table_exists(con, qualified: str) -> bool:
+    """Whether `schema.table` exists in the warehouse."""
+    schema, _, name = qualified.partition(".")
+    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+                            [schema, name]).fetchone()[0])
+
+
+@contextlib.contextmanager
+def transaction(con) -> Iterator[None]:
+    """BEGIN ... COMMIT, or ROLLBACK on any error (also KeyboardInterrupt), then re-raise."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def upsert_review_items(con, items_sql: str, entity: str, kind: str, run_id: str, run_at) -> None:
+    """Open review items from a query yielding (item_id, system, title, details), in one statement.
+
+    Item ids are deterministic, so a situation seen again updates its item (title, details, last seen);
+    an item a steward decided or ignored keeps that status and is never reopened."""
+    con.execute(
+        f"""INSERT INTO review.items (item_id, entity, kind, system, status, title, details, first_seen_run,
+                                     last_seen_run, created_at, updated_at)
+            SELECT item_id, ?, ?, system, 'open', title, details, ?, ?, ?, ? FROM ({items_sql})
+            ON CONFLICT (item_id) DO UPDATE SET
+                status = CASE WHEN review.items.status IN ('decided', 'ignored') THEN review.items.status
+                              ELSE 'open' END,
+                title = excluded.title, details = excluded.details,
+                last_seen_run = excluded.last_seen_run, updated_at = excluded.updated_at""",
+        [entity, kind, run_id, run_id, run_at, run_at])
 
 
 def once(con, run_id: str, entity: str, stage: str, run_at, body) -> dict:
@@ -48,15 +92,10 @@ def once(con, run_id: str, entity: str, stage: str, run_at, body) -> dict:
                        [run_id, entity, stage]).fetchone()
     if done:
         return json.loads(done[0])
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         result = body()
-        con.execute("INSERT INTO audit.stage_runs VALUES (?, ?, ?, ?, ?)",
+        con.execute("INSERT INTO audit.stage_runs (run_id, entity, stage, finished_at, result) VALUES (?, ?, ?, ?, ?)",
                     [run_id, entity, stage, run_at, json.dumps(result, default=str)])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return result
 
 
