@@ -95,31 +95,24 @@ def test_dag_tasks(dag_bag, demo_config, dag_id):
     assert [a.name for a in _assets(dag.get_task("build_golden").outlets)] == [f"golden.{entity}"]
 
 
-def test_parse_time_and_no_heavy_imports(demo_config):
-    # A fresh interpreter with Airflow already imported (as in the dag processor); time only our file.
+def test_no_heavy_imports_at_parse_time(demo_config):
+    # A fresh interpreter with Airflow already imported (as in the dag processor). Parse speed follows from
+    # what is imported; it is measured by `make bench`, never asserted in a timed test.
     code = f"""
-import json, runpy, sys, time
+import json, runpy, sys
 import airflow.sdk
 sys.path.append({str(DAG_FILE.parent)!r})  # as the dag processor does: the bundle folder is importable
 before = set(sys.modules)
-t0 = time.perf_counter()
 runpy.run_path({str(DAG_FILE)!r})
-seconds = time.perf_counter() - t0
-print(json.dumps({{"seconds": seconds, "new": sorted(set(sys.modules) - before)}}))
+print(json.dumps({{"new": sorted(set(sys.modules) - before)}}))
 """
     env = {**os.environ, "RECONCILE_CONFIG": str(demo_config)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["seconds"] < 2.0, f"parsing {DAG_FILE.name} took {result['seconds']:.2f}s"
     heavy = sorted(m for m in result["new"] if m.split(".")[0] in HEAVY_MODULES or m in HEAVY_MODULES
                    or any(m.startswith(h + ".") for h in HEAVY_MODULES))
     assert not heavy, f"parse-time imports of heavy modules: {heavy}"
-
-
-def test_dagbag_parse_duration(dag_bag):
-    (stat,) = [s for s in dag_bag.dagbag_stats if s.file.endswith(DAG_FILE.name)]
-    assert stat.duration < timedelta(seconds=2)
 
 
 def test_missing_config_is_a_clear_import_error(tmp_path, parse_dags):
