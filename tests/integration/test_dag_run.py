@@ -193,7 +193,8 @@ def test_failed_error_gate_fails_validate_alerts_and_blocks_dependent_loads(airf
     assert states["validate[2]"] == "failed"  # systems in sorted order: crm, erp, marketing
     assert states["validate[0]"] == states["validate[1]"] == "success"
     assert states["apply_gates"] == "success"  # ran after the failed gate and recorded every outcome
-    assert states["load[2]"] == "skipped" and states["load[1]"] == "skipped"  # marketing blocked; erp: nothing
+    assert states["load[2]"] == "skipped"  # marketing blocked
+    assert states["load[1]"] == "success"  # erp is not blocked: the corrections the match model found load
     assert states["load[0]"] == "success"  # the CRM's own changes (links) still load
     assert states["approve_load"] == "skipped" and states["finish_run"] == "success"
 

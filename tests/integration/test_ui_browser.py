@@ -86,7 +86,7 @@ def test_decide_distinct_from_the_review_queue(page, server, tmp_path, monkeypat
     page.select_option("select[name=kind]", "candidate")
     page.click("button:has-text('Filter')")
     shot(page, tmp_path, "review-queue")
-    first = page.locator("table.queue tr:has-text('resembles') a.item").first  # a scored candidate: evidence
+    first = page.locator("table.queue tr:has-text('may be the same person') a.item").first  # a scored candidate: evidence
     item_id = first.inner_text()
     first.click()
     assert page.locator("table.side-by-side").is_visible()

@@ -90,7 +90,7 @@ def test_decision_through_the_api_is_recorded_with_the_user(airflow_db, tmp_path
     outer = FastAPI()
     outer.mount("/reconcile", load_plugin().create_app())
     client = TestClient(outer)
-    item = client.get("/reconcile/api/items", params={"kind": "orphan"}, headers=bearer()).json()["items"][0]
+    item = client.get("/reconcile/api/items", params={"kind": "candidate"}, headers=bearer()).json()["items"][0]
 
     viewer = client.post("/reconcile/api/decisions", headers=bearer("vic", "viewer"),
                          json={"item_id": item["item_id"], "action": "ignore", "reason": "not mine"})
