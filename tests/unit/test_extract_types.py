@@ -37,7 +37,7 @@ def _row_path(conn: SqlConnector, table: str, columns: list[str]) -> dict[str, l
 
 
 def _uses_columnar(conn: SqlConnector, table: str, columns: list[str]) -> bool:
-    reader = conn._columnar(conn.statement(_source(table), columns, None), columns, 1000)
+    reader = conn._columnar(conn.statement(_source(table), columns, None), columns, 1000, table)
     if reader is None:
         return False
     list(reader)  # closes the driver connection
@@ -83,6 +83,25 @@ def test_sqlite_column_of_mixed_storage_classes_takes_the_row_path(tmp_path):
     assert _read(conn, "t", ["k", "v"]) == {"k": ["a", "b", "c", "d"], "v": ["1", "2.5", "x", None]}
     assert not _uses_columnar(conn, "b", ["k", "v"])
     assert _read(conn, "b", ["k", "v"]) == {"k": ["a", "b"], "v": ["01ff", None]}
+
+
+def test_sqlite_blob_in_a_text_column_takes_the_row_path(tmp_path):
+    """TEXT affinity converts numbers to text but keeps blobs: a blob stored in a TEXT column (an application
+    writing bytes) must not reach the columnar driver, which types the column as text and fails on it."""
+    db = tmp_path / "src.db"
+    con = sqlite3.connect(db)
+    with con:
+        con.execute("CREATE TABLE t (k TEXT PRIMARY KEY, name TEXT, note VARCHAR(20))")
+        # The blob comes after the rows the driver types the column by.
+        con.executemany("INSERT INTO t VALUES (?, ?, ?)", [(f"a{i:05}", "Ann", "x") for i in range(3000)]
+                        + [("b", "Bo", b"\x00\xfe"), ("c", None, None)])
+    con.close()
+    conn = SqlConnector("crm", f"sqlite:///{db}")
+    assert not _uses_columnar(conn, "t", ["k", "name", "note"])
+    got = _read(conn, "t", ["k", "name", "note"], batch_size=1000)
+    assert got["note"][-3:] == ["x", "00fe", None] and got["name"][-2:] == ["Bo", None]
+    assert got == _row_path(conn, "t", ["k", "name", "note"])
+    assert _uses_columnar(conn, "t", ["k", "name"])  # the columns without a blob still read columnar
 
 
 def _server_table(engine, name: str, tstz) -> sa.Table:

@@ -148,10 +148,11 @@ class SqlConnector:
 
     def _sqlite_uniform(self, stmt, columns: list[str], table: str | None) -> bool:
         """True when every column holds one SQLite storage class (besides NULL) and no BLOB: the ADBC driver
-        types a column by its first rows and fails on a later row of another class, and the row path renders
-        mixed columns value by value. Columns of a table declared with TEXT affinity (CHAR, CLOB, TEXT) hold
-        text or NULL (SQLite converts numbers stored there), and an INTEGER PRIMARY KEY only integers: only
-        the other columns are scanned, in one pass that stops at the first row of another class."""
+        types a column by its first rows and fails, or passes raw bytes as text, on a later row of another
+        class, while the row path renders mixed columns value by value. Columns of a table declared with TEXT
+        affinity (CHAR, CLOB, TEXT) hold text, NULL or a blob (SQLite converts numbers stored there, never
+        blobs), and an INTEGER PRIMARY KEY only integers. One pass over the rows, stopping at the first that
+        breaks the rule."""
         declared: dict[str, tuple[str, bool]] = {}
         if table is not None:
             schema, _, name = table.rpartition(".")
@@ -159,17 +160,15 @@ class SqlConnector:
             pragma = f"PRAGMA {quote(schema) + '.' if schema else ''}table_info({quote(name)})"
             with self.engine.connect() as conn:
                 declared = {r[1]: (str(r[2] or "").upper(), bool(r[5])) for r in conn.exec_driver_sql(pragma)}
-        todo = []
+        text, todo = [], []
         for c in columns:
             ctype, pk = declared.get(c, ("", False))
-            if any(k in ctype for k in ("CHAR", "CLOB", "TEXT")) or (ctype == "INTEGER" and pk):
+            if ctype == "INTEGER" and pk:
                 continue
-            todo.append(c)
-        if not todo:
-            return True
+            (text if any(k in ctype for k in ("CHAR", "CLOB", "TEXT")) else todo).append(c)
         sub = stmt.order_by(None).subquery("src")
         with self.engine.connect() as conn:
-            # The storage class of each column's first non-NULL value, then any row holding another one.
+            # The storage class of each untyped column's first non-NULL value, then any row holding another one.
             kinds = {}
             for c in todo:
                 got = conn.execute(sa.select(sa.func.typeof(sub.c[c])).where(sub.c[c].is_not(None)).limit(1)).first()
@@ -177,6 +176,7 @@ class SqlConnector:
             if "blob" in kinds.values():
                 return False
             other = [sa.and_(sub.c[c].is_not(None), sa.func.typeof(sub.c[c]) != k) for c, k in kinds.items() if k]
+            other += [sa.func.typeof(sub.c[c]) == "blob" for c in text]
             return not other or not conn.execute(sa.select(sa.exists().where(sa.or_(*other)))).scalar()
 
     def close(self) -> None:
