@@ -6,7 +6,8 @@ validates every staging table in parallel (Great Expectations) and applies the q
 across systems to persistent ids (`identity.xref`), builds the golden records (`golden.<entity>`, also an
 Asset), holds identities that would collide in a target system, plans the changes per target system
 (`audit.changes`) and loads each target whose changes may be written (config `load.mode: apply`, thresholds
-approved); finally it records the run in `audit.runs` and publishes the warehouse file analysts read.
+approved); `purge_erased` removes erased people's values from the warehouse and the kept run files; finally
+it records the run in `audit.runs` and publishes the warehouse file analysts read.
 
 **Quality gates.** A staging table that fails an error-level gate fails its `validate` task, with the failed
 expectations in the message, and raises an alert. The run goes on: `apply_gates` records every outcome and
@@ -35,7 +36,8 @@ this run's loads over a threshold (like `reconcile run --approve`), so nothing w
 * Config: `$RECONCILE_CONFIG`, default `config/reconcile.yaml` under the repository root.
 * Every task is one call into the `reconcile` library and is safe to retry: each step is idempotent for
   the Airflow run id, which is also the run id in `audit.runs`.
-* `finish_run` always runs: it records a failed run (and fails the DAG run) when an earlier task crashed.
+* `purge_erased` and `finish_run` always run: an erased person's values are removed even from a failed run,
+  and `finish_run` records a failed run (and fails the DAG run) when an earlier task crashed.
 
 Parse time reads only the local YAML file and the environment: no database, connection or Variable is touched.
 """
@@ -133,8 +135,9 @@ def build_dag(cfg: Config, entity: str):
     """The DAG `reconcile_<entity>`, the same stages in the same order as `runner.run_entity` (the CLI).
 
     begin_run -> extract[system] (extract_on_<queue>[system] for systems with a queue) -> load_staging -> validate[system] -> apply_gates -> resolve_identity
-    -> build_golden -> guard_collisions -> plan_changes -> check_approval -> load[target] -> finish_run, and,
-    only when a load waits for approval, check_approval -> approve_load -> load_approved[target] -> finish_run.
+    -> build_golden -> guard_collisions -> plan_changes -> check_approval -> load[target] -> purge_erased
+    -> finish_run, and, only when a load waits for approval, check_approval -> approve_load ->
+    load_approved[target] -> purge_erased.
     [system] and [target] are one mapped task instance per system, named after it in the UI. Every body is one
     library call with plain values read from the task context.
     """
@@ -299,6 +302,13 @@ def build_dag(cfg: Config, entity: str):
                                       f"(Airflow: Required actions; no answer rejects them)", {"entity": entity})],
         )
 
+        # Always runs, also after a failure: a run re-extracts an erased person until the systems are anonymised.
+        @task(trigger_rule=TriggerRule.ALL_DONE, **warehouse)
+        def purge_erased() -> dict:
+            from reconcile import runner
+
+            return runner.purge_erased(cfg, entity, get_current_context()["run_id"], progress=log.info)
+
         @task(trigger_rule=TriggerRule.ALL_DONE, **warehouse)  # always runs: a failed run is recorded, then fails visibly
         def finish_run() -> dict:
             from airflow.sdk.exceptions import AirflowFailException
@@ -342,9 +352,9 @@ def build_dag(cfg: Config, entity: str):
                     for queue, on in sorted(extract_queues.items(), key=lambda kv: kv[0] or "")]
         planned = (begin_run() >> extracts >> load_staging() >> validate.expand(system=systems)
                    >> apply_gates() >> resolve_identity() >> build_golden() >> guard_collisions() >> plan_changes())
-        branch, done = check_approval(), finish_run()
-        planned >> branch >> load.expand(target=systems) >> done
-        branch >> approve_load >> load_approved.expand(target=approve_load.output) >> done
+        branch, purge, done = check_approval(), purge_erased(), finish_run()
+        planned >> branch >> load.expand(target=systems) >> purge >> done
+        branch >> approve_load >> load_approved.expand(target=approve_load.output) >> purge
 
     return reconcile_entity()
 

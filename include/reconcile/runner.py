@@ -2,8 +2,8 @@
 
 begin_run -> extract_system (per system, in parallel) -> load_staging -> validate_system (per system, in
 parallel) -> apply_gates -> resolve_identity -> build_golden -> guard_collisions -> plan_changes ->
-load_changes (per target) -> finish_run. Airflow tasks call these functions one by one; `run_entity` calls
-them in order for the CLI and tests. Each step is idempotent for a run id, so a retried task leaves the
+load_changes (per target) -> purge_erased -> finish_run. Airflow tasks call these functions one by one;
+`run_entity` calls them in order for the CLI and tests. Each step is idempotent for a run id, so a retried task leaves the
 same state.
 """
 from __future__ import annotations
@@ -377,6 +377,16 @@ def _changes_summary(con, entity: str, run_id: str) -> dict:
     return out
 
 
+def purge_erased(cfg: Config, entity: str, run_id: str, progress: Progress = _quiet) -> dict:
+    """Remove erased people's values from the warehouse (stages/privacy.py): a stage of its own, after the
+    loads and before finish_run, run even when an earlier stage failed (a run re-extracts a person until the
+    systems are anonymised). Idempotent; returns the rows blanked per place."""
+    with open_work(cfg) as con:
+        purged = privacy_stage.purge_erased(con, cfg, entity)
+    progress(f"  erased people's values removed from the warehouse: {purged or 'nothing to remove'} (run {run_id})")
+    return purged
+
+
 def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", error: str | None = None,
                progress: Progress = _quiet) -> dict:
     """Write the run's summary into audit.runs, publish the warehouse for analysts, return the summary."""
@@ -436,9 +446,6 @@ def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", e
         if "identity" in results_of:
             summary["identity"] = results_of["identity"]
         _sync_health_counts(con, cfg, entity, run_id)
-        purged = privacy_stage.purge_erased(con, cfg, entity)
-        if purged:
-            progress(f"  erased people's values removed from the warehouse: {purged}")
         if "plan" in results_of:
             summary["changes"] = _changes_summary(con, entity, run_id)
             if results_of["plan"].get("dry_run"):
@@ -511,9 +518,13 @@ def run_entity(cfg: Config, entity: str, run_id: str | None = None, run_at: date
                     load_changes(cfg, entity, run_id, target, url_overrides, progress)
                 elif state == "awaiting_approval":
                     progress(f"  load {target}: waiting for approval (reconcile approve --run {run_id})")
+        purge_erased(cfg, entity, run_id, progress)
         summary = finish_run(cfg, entity, run_id, progress=progress)
     except BaseException as e:
-        finish_run(cfg, entity, run_id, status="failed", error=str(e), progress=progress)
+        try:
+            purge_erased(cfg, entity, run_id, progress)
+        finally:
+            finish_run(cfg, entity, run_id, status="failed", error=str(e), progress=progress)
         raise
     summary["duration_s"] = round(time.monotonic() - t0, 2)
     return summary

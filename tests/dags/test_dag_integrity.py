@@ -17,11 +17,12 @@ DAG_FILE = REPO / "dags" / "reconcile_dags.py"
 
 # The same stages in the same order as runner.run_entity; extract, validate and load are mapped per system.
 CHAIN = ["begin_run", "extract", "load_staging", "validate", "apply_gates", "resolve_identity", "build_golden",
-         "guard_collisions", "plan_changes", "check_approval", "load", "finish_run"]
-# The branch check_approval -> approve_load -> load_approved -> finish_run, taken only when a load needs approval.
-APPROVAL = ["check_approval", "approve_load", "load_approved", "finish_run"]
-# Run even when an upstream task failed: gate outcomes are recorded after a failed gate; the run is recorded.
-ALL_DONE = {"apply_gates", "finish_run"}
+         "guard_collisions", "plan_changes", "check_approval", "load", "purge_erased", "finish_run"]
+# The branch check_approval -> approve_load -> load_approved -> purge_erased, taken only when a load needs approval.
+APPROVAL = ["check_approval", "approve_load", "load_approved", "purge_erased", "finish_run"]
+# Run even when an upstream task failed: gate outcomes are recorded after a failed gate; erased people's values
+# are removed; the run is recorded.
+ALL_DONE = {"apply_gates", "purge_erased", "finish_run"}
 # Never imported when the DAG file is parsed: the dag processor parses every few seconds.
 HEAVY_MODULES = {"duckdb", "pyarrow", "pandas", "great_expectations", "reconcile.runner", "reconcile.warehouse",
                  "reconcile.stages", "reconcile.connectors"}
@@ -86,6 +87,7 @@ def test_dag_tasks(dag_bag, demo_config, dag_id):
     for task_id, following in zip(APPROVAL[1:], APPROVAL[2:]):
         assert dag.get_task(task_id).downstream_task_ids == {following}, task_id
     assert dag.get_task("finish_run").trigger_rule == "all_done", "finish_run must record failed runs too"
+    assert dag.get_task("purge_erased").trigger_rule == "all_done", "erased values must go after a failure too"
     assert dag.get_task("apply_gates").trigger_rule == "all_done", "gates must be recorded after a failed gate"
     assert all(t.trigger_rule == "all_success" for t in dag.tasks if t.task_id not in ALL_DONE)
 
