@@ -45,11 +45,6 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
-def _has_table(con, schema: str, table: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
-                            [schema, table]).fetchone()[0])
-
-
 def _has_column(con, schema: str, table: str, column: str) -> bool:
     return bool(con.execute("SELECT count(*) FROM information_schema.columns WHERE table_schema = ? "
                             "AND table_name = ? AND column_name = ?", [schema, table, column]).fetchone()[0])
@@ -361,6 +356,8 @@ def item_records(cfg: Config, item: dict) -> list[dict]:
     by_system: dict[str, list[str]] = {}
     for system, key in refs:
         by_system.setdefault(system, []).append(key)
+    from .warehouse import table_exists
+
     values: dict[tuple[str, str], dict] = {}
     xids: dict[tuple[str, str], str] = {}
     with _published(cfg) as con:
@@ -370,7 +367,7 @@ def item_records(cfg: Config, item: dict) -> list[dict]:
             for k, x in con.execute(f"SELECT record_key, xid FROM identity.xref WHERE entity = ? AND system = ? "
                                     f"AND record_key IN ({marks})", [entity, system, *keys]).fetchall():
                 xids[(system, k)] = x
-            if system not in cfg.systems or not _has_table(con, "staging", table):
+            if system not in cfg.systems or not table_exists(con, f"staging.{table}"):
                 continue
             have = {c for (c,) in con.execute("SELECT column_name FROM information_schema.columns WHERE "
                                               "table_schema = 'staging' AND table_name = ?", [table]).fetchall()}
