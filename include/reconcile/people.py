@@ -42,7 +42,8 @@ def erase_person(cfg: Config, entities: list[str], *, reason: str, by: str | Non
     """Record an erasure request for the one person named by email or xid (suppressed from golden records
     from now on, never re-created), then publish. Idempotent: a second request returns the first with
     `already: true`. Raises ReconcileError when no person matches, PersonNotUnique when several do."""
-    from .stages import golden
+    from .runner import data_docs_root
+    from .stages import golden, privacy
     from .warehouse import open_work, publish
 
     if not reason.strip():
@@ -53,17 +54,21 @@ def erase_person(cfg: Config, entities: list[str], *, reason: str, by: str | Non
         except (KeyError, OSError):
             by = "unknown"
     now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).replace(tzinfo=None)
-    matched_by = f"email:{email}" if email is not None else f"xid:{xid}"
+    named = f"email {email}" if email is not None else f"xid {xid}"
+    matched_by = "email" if email is not None else f"xid:{xid}"  # never the address: erasure keeps no copy
     with open_work(cfg) as con:
         matches = [(e, x) for e in entities for x in golden.find_xids(con, cfg, e, email=email, xid=xid)["xids"]]
         if not matches:
-            raise ReconcileError(f"no person found with {matched_by.replace(':', ' ', 1)}")
+            raise ReconcileError(f"no person found with {named}")
         if len(matches) > 1:
-            raise PersonNotUnique(f"{matched_by} names {len(matches)} persons ("
+            raise PersonNotUnique(f"{named} names {len(matches)} persons ("
                                   f"{', '.join(f'{e} {x}' for e, x in matches)}); erase each with --xid (and --entity)")
         entity, found = matches[0]
         result = golden.erase(con, entity, found, request_id=f"erase__{now:%Y%m%dT%H%M%SZ}_{secrets.token_hex(2)}",
                               requested_at=now, requested_by=by, reason=reason, matched_by=matched_by)
-    if not result["already"]:
+        # Idempotent: hashes kept once; a repeated request completes one interrupted after golden.erase.
+        result["identifiers"] = privacy.record_erasure(con, cfg, entity, found, result["request_id"])
+    result["removed"] = privacy.forget(cfg, entity, data_docs_root(cfg))
+    if not result["already"] or result["removed"]:
         publish(cfg)
     return result

@@ -114,9 +114,14 @@ def load_staging(cfg: Config, entity: str, run_id: str, progress: Progress = _qu
         )
 
 
+def data_docs_root(cfg: Config) -> Path:
+    """Where Great Expectations Data Docs go: beside the published warehouse, one folder per run."""
+    return cfg.warehouse_path.parent / "data_docs"
+
+
 def docs_dir(cfg: Config, run_id: str) -> Path:
-    """Where a run's Great Expectations Data Docs go (beside the published warehouse)."""
-    return cfg.warehouse_path.parent / "data_docs" / safe_name(run_id)
+    """Where a run's Great Expectations Data Docs go."""
+    return data_docs_root(cfg) / safe_name(run_id)
 
 
 def validate_system(cfg: Config, entity: str, system: str, run_id: str, progress: Progress = _quiet) -> dict:
@@ -378,11 +383,11 @@ def _changes_summary(con, entity: str, run_id: str) -> dict:
 
 
 def purge_erased(cfg: Config, entity: str, run_id: str, progress: Progress = _quiet) -> dict:
-    """Remove erased people's values from the warehouse (stages/privacy.py): a stage of its own, after the
-    loads and before finish_run, run even when an earlier stage failed (a run re-extracts a person until the
-    systems are anonymised). Idempotent; returns the rows blanked per place."""
-    with open_work(cfg) as con:
-        purged = privacy_stage.purge_erased(con, cfg, entity)
+    """Remove erased people's values from the warehouse, the kept run files and Data Docs, and rewrite the
+    working warehouse file (stages/privacy.py `forget`): a stage of its own, after the loads and before
+    finish_run, run even when an earlier stage failed (a run re-extracts a person until the systems are
+    anonymised). Idempotent; returns what was removed per place."""
+    purged = privacy_stage.forget(cfg, entity, data_docs_root(cfg))
     progress(f"  erased people's values removed from the warehouse: {purged or 'nothing to remove'} (run {run_id})")
     return purged
 

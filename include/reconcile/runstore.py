@@ -80,6 +80,34 @@ class RunFolder:
         with self.fs.open(self.path(name), "rb") as fh:
             return json.loads(fh.read())
 
+    def names(self) -> list[str]:
+        """The names of the folder's files (none while it does not exist)."""
+        if not self.fs.exists(self.root):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+
+    @contextlib.contextmanager
+    def replacing(self, name: str) -> Iterator[Path]:
+        """A local path to write a new version of `name` to; it replaces `name` (whole, or not at all) when
+        the block completes."""
+        with tempfile.TemporaryDirectory(prefix="reconcile-run-") as tmp:
+            local = Path(tmp) / name
+            yield local
+            target = self.path(f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+            self.fs.put_file(str(local), target)
+            self.fs.mv(target, self.path(name))
+
+    def rewrite_text(self, name: str, change) -> int:
+        """Replace a text file by `change(text)` when that differs; returns 1 if rewritten, else 0."""
+        with self.fs.open(self.path(name), "rb") as fh:
+            text = fh.read().decode("utf-8")
+        new = change(text)
+        if new == text:
+            return 0
+        with self.writing(name) as fh:
+            fh.write(new.encode("utf-8"))
+        return 1
+
     @contextlib.contextmanager
     def local(self, name: str) -> Iterator[Path]:
         """A local path to read `name` from (DuckDB reads local files): the file itself, or a temporary copy."""
@@ -99,6 +127,15 @@ def _newest(fs: fsspec.AbstractFileSystem, folder: str) -> float:
         t = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
         times.append(t.timestamp() if hasattr(t, "timestamp") else float(t))
     return max(times, default=0.0)
+
+
+def kept_folders(cfg: Config, entity: str) -> list[RunFolder]:
+    """The run folders of an entity still kept (see `prune`)."""
+    fs, root = _filesystem(cfg)
+    if not fs.exists(root):
+        return []
+    runs = [run.rstrip("/").rsplit("/", 1)[-1] for run in fs.ls(root, detail=False)]
+    return [RunFolder(cfg, run, entity) for run in sorted(runs) if fs.isdir(f"{root}/{run}/{entity}")]
 
 
 def prune(cfg: Config, entity: str, keep: int, current_run_id: str) -> None:

@@ -28,7 +28,7 @@ from ..config.models import Config
 from ..errors import ReconcileError
 from ..transforms import quote_ident as q, sql_literal
 from ..warehouse import once, staging_table
-from . import identity_model
+from . import identity_model, privacy
 from .identity_model import FULL_NAME, ModelSpec, match_rules, model_spec
 
 STAGE = "identity"
@@ -227,6 +227,7 @@ def resolve(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dic
 
     def _body() -> dict:
         _build_records(con, cfg, entity, spec)
+        privacy.suppress_reappeared(con, cfg, entity, run_id, run_at)  # erased identifiers: suppressed, reviewed
         # An erased person's records are never given a new xid (linked ones stay on the erased xid).
         con.execute(f"""DELETE FROM _recs WHERE {r.unlinked('_recs')} AND EXISTS (
                             SELECT 1 FROM identity.erased_records e WHERE e.entity = ? AND e.system = _recs.system

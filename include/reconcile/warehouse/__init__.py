@@ -29,7 +29,7 @@ from ..errors import ReconcileError
 from ..transforms import register_functions, sql_literal
 from .ddl import ensure_schema
 
-__all__ = ["once", "open_work", "publish", "open_published", "ensure_schema", "safe_name", "staging_table",
+__all__ = ["compact", "once", "open_work", "publish", "open_published", "ensure_schema", "safe_name", "staging_table",
            "table_exists", "transaction", "SQL_TYPES", "upsert_review_items"]
 
 # Canonical field type -> DuckDB column type (staging, golden, collision identities).
@@ -186,6 +186,36 @@ def publish(cfg: Config, entity: str | None = None, wait: float = LOCK_WAIT_SECO
             raise
         os.replace(tmp, target)  # atomic: readers keep the old file until they reopen
     return target
+
+
+def compact(cfg: Config, wait: float = LOCK_WAIT_SECONDS) -> Path:
+    """Rewrite the working database into a fresh file holding only its live rows, then replace it.
+
+    DuckDB reuses the blocks of blanked or deleted values without wiping them: after an erasure
+    (stages/privacy.py) the old file would still hold readable copies. The next `publish` copies the fresh
+    file, and the replaced files' blocks belong to no file any more."""
+    state = cfg.state_dir
+    work = state / "work.duckdb"
+    fresh = state / "work_compact.duckdb"
+    with _lock(state / "work.lock", wait):
+        if not work.exists():
+            raise ReconcileError(f"nothing to compact: {work} does not exist yet")
+        for leftover in (fresh, fresh.with_name(fresh.name + ".wal")):
+            leftover.unlink(missing_ok=True)
+        con = duckdb.connect(str(fresh))
+        try:
+            con.execute(f"ATTACH {sql_literal(str(work))} AS old_work")
+            con.execute("COPY FROM DATABASE old_work TO work_compact")
+            con.execute("DETACH old_work")
+            con.execute("CHECKPOINT")
+        except BaseException:
+            con.close()
+            fresh.unlink(missing_ok=True)
+            raise
+        con.close()
+        os.replace(fresh, work)
+        work.with_name(work.name + ".wal").unlink(missing_ok=True)  # checkpointed: nothing pending in it
+    return work
 
 
 def _entity_table_names(cfg: Config, entity: str) -> set[str]:

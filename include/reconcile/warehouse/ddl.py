@@ -279,9 +279,19 @@ TABLES += [
         requested_at TIMESTAMP NOT NULL,
         requested_by VARCHAR NOT NULL,
         reason VARCHAR NOT NULL,
-        matched_by VARCHAR NOT NULL,      -- how the person was named: email:<e> | xid:<x>
+        matched_by VARCHAR NOT NULL,      -- how the person was named: email (never the address) | xid:<x>
         status VARCHAR NOT NULL,          -- requested (issue 6 plans the erasure in each system)
+        consent JSON,                     -- the person's consent fields (most_restrictive) when erased
         PRIMARY KEY (entity, xid)
+    )""",
+    """CREATE TABLE IF NOT EXISTS identity.erased_identifiers (
+        entity VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL,            -- email | phone | key:<system> (a record key) | xid
+        hash VARCHAR NOT NULL,            -- sha256 of salt || kind || ':' || normalised value; never the value
+        xid VARCHAR NOT NULL,             -- the erased person it belonged to
+        request_id VARCHAR NOT NULL,
+        salt_id VARCHAR NOT NULL,         -- which salt made the hash (a fingerprint of it, not the salt)
+        PRIMARY KEY (entity, kind, hash)
     )""",
     """CREATE TABLE IF NOT EXISTS identity.erased_records (
         entity VARCHAR NOT NULL,
