@@ -96,16 +96,15 @@ def identifiers_sql(con, cfg: Config, entity: str, history: bool = False) -> str
     parts = []
     for system, source in sorted(ent.sources.items()):
         table = staging_table(system, entity) + ("_history" if history else "")
-        if not table_exists(con, table):
-            continue
         cols = [(f"'{step}'", q(f)) for f, m in source.fields.items() for step in IDENTIFIER_TRANSFORMS
                 if any(s.name == step for s in m.steps) and ent.fields[f].type == "string"]
         cols += [(sql_literal("key:" + other), q("_ext_" + other)) for other in sorted(source.external_ids)]
         if cfg.systems[system].xid_column:
-            cols.append(("'xid'", "_xid"))
+            cols.append(("'xid'", q("_xid")))
+        present = {q(c) for c in _columns(con, table)}
         parts += [f"SELECT {sql_literal(system)} AS system, CAST(_record_key AS VARCHAR) AS record_key, "
                   f"{kind} AS kind, CAST({col} AS VARCHAR) AS value FROM {table} WHERE {col} IS NOT NULL"
-                  for kind, col in cols]
+                  for kind, col in cols if col in present]
     return " UNION ALL ".join(parts) if parts else None
 
 
@@ -196,21 +195,25 @@ def suppress_reappeared(con, cfg: Config, entity: str, run_id: str, run_at) -> i
 # Purge: the warehouse tables
 # ----------------------------------------------------------------------------------------------------------
 
+def _columns(con, table: str) -> set[str]:
+    schema, _, name = table.partition(".")
+    return {c for (c,) in con.execute("SELECT column_name FROM information_schema.columns WHERE table_schema = ? "
+                                      "AND table_name = ?", [schema, name]).fetchall()}
+
+
 def _clear_values(con, cfg: Config, entity: str) -> list[str]:
     """The identifier values (normalised and as extracted) of erased records still staged: what to look for
     in files that only hold text (Data Docs, gate outcomes). Read before `purge_erased` blanks them."""
     ent = cfg.entities[entity]
     parts = []
     for system, source in sorted(ent.sources.items()):
-        cols = []
-        for f, m in source.fields.items():
-            if any(s.name in IDENTIFIER_TRANSFORMS for s in m.steps):
-                cols += [q(f), q("_raw_" + m.column)]
+        cols = [c for f, m in source.fields.items() if any(s.name in IDENTIFIER_TRANSFORMS for s in m.steps)
+                for c in (f, "_raw_" + m.column)]
         for table in (staging_table(system, entity), staging_table(system, entity) + "_history"):
-            if cols and table_exists(con, table):
-                parts += [f"SELECT CAST({c} AS VARCHAR) AS v FROM {table} WHERE _record_key IN "
-                          f"(SELECT record_key FROM _erased WHERE system = {sql_literal(system)}) AND {c} IS NOT NULL"
-                          for c in cols]
+            present = _columns(con, table)
+            parts += [f"SELECT CAST({q(c)} AS VARCHAR) AS v FROM {table} WHERE _record_key IN "
+                      f"(SELECT record_key FROM _erased WHERE system = {sql_literal(system)}) AND {q(c)} IS NOT NULL"
+                      for c in cols if c in present]
     if not parts:
         return []
     return [v for (v,) in con.execute(
@@ -236,11 +239,13 @@ def _purge(con, cfg: Config, entity: str) -> tuple[dict, list[str]]:
     with transaction(con):
         for system, source in sorted(ent.sources.items()):
             name = f"{system}__{entity}"
-            cols = [q(f) for f in source.fields if ent.fields[f].type == "string"]
-            cols += [q("_raw_" + c) for c in dict.fromkeys([m.column for m in source.fields.values()])
-                     if c != source.key]
+            names = [f for f in source.fields if ent.fields[f].type == "string"]
+            names += ["_raw_" + c for c in dict.fromkeys([m.column for m in source.fields.values()])
+                      if c != source.key]
             for table in (name, f"{name}_history"):
-                if not cols or not table_exists(con, f"staging.{table}"):
+                present = _columns(con, f"staging.{table}")
+                cols = [q(c) for c in names if c in present]
+                if not cols:
                     continue
                 touched[f"staging.{table}"] = con.execute(f"""
                     UPDATE staging.{table} SET {', '.join(f'{c} = NULL' for c in cols)}
