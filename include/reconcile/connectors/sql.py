@@ -11,7 +11,7 @@ Writes (`SqlWriter`) always go through SQLAlchemy. `extract_source` (stages/extr
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -79,10 +79,47 @@ class SqlConnector:
         """The read: these columns, rows modified since `since` (incremental) or every row in key order."""
         stmt = sa.select(*[sa.column(c) for c in columns]).select_from(self._selectable(source))
         if since is not None and source.modified_at:
-            stmt = stmt.where(sa.column(source.modified_at) >= sa.bindparam("since", since, type_=sa.DateTime()))
+            stmt = stmt.where(self._modified_since(source, since))
         if source.modified_at is None or since is None:
             stmt = stmt.order_by(sa.column(source.key))
         return stmt
+
+    def _modified_since(self, source: SourceConfig, since: datetime) -> sa.ColumnElement:
+        """`modified_at` at or after `since` (naive UTC), compared as instants whatever the column's type.
+
+        A typed date/time column is compared as it is (an index on it serves the read). Text, or a query's
+        column of unknown type, is cast per dialect: SQLite holds every timestamp as text in one of several
+        formats ('2026-01-01 10:00:00', '...T10:00:00.000Z'), which `julianday` reads alike (a text comparison
+        would put '10:00:00' before '10:00:00.000000'); PostgreSQL refuses to compare text with a timestamp.
+        Text that is no timestamp is read too (a row that staging then quarantines), never dropped unseen."""
+        col = sa.column(source.modified_at)
+        dialect = self.engine.dialect.name
+        if dialect == "sqlite":
+            parsed = sa.func.julianday(col)
+            return sa.or_(parsed >= sa.func.julianday(sa.literal(since.isoformat(sep=" "))),
+                          sa.and_(col.is_not(None), parsed.is_(None)))
+        if self._typed_timestamp(source):
+            return col >= sa.bindparam("since", since, type_=sa.DateTime())
+        if dialect == "postgresql":
+            iso = sa.literal_column(r"'^\s*[0-9]{4}-[0-9]{2}-[0-9]{2}([ T][0-9:.]*)?\s*(Z|[+-][0-9:]+)?\s*$'")
+            text = sa.cast(col, sa.Text)
+            parsed = sa.case((text.op("~")(iso), sa.cast(text, sa.DateTime(timezone=True))))
+            return sa.or_(parsed >= sa.bindparam("since", since.replace(tzinfo=timezone.utc),
+                                                 type_=sa.DateTime(timezone=True)),
+                          sa.and_(col.is_not(None), sa.not_(text.op("~")(iso))))
+        parsed = sa.cast(col, sa.DateTime())
+        return sa.or_(parsed >= sa.bindparam("since", since, type_=sa.DateTime()),
+                      sa.and_(col.is_not(None), parsed.is_(None)))
+
+    def _typed_timestamp(self, source: SourceConfig) -> bool:
+        """Is the table's `modified_at` column a date/time type (False for text, and for a query's column)?"""
+        if source.table is None:
+            return False
+        schema, _, name = source.table.rpartition(".")
+        with self.engine.connect() as conn:
+            cols = sa.inspect(conn).get_columns(name, schema=schema or None)
+        kind = next((c["type"] for c in cols if c["name"] == source.modified_at), None)
+        return isinstance(kind, (sa.DateTime, sa.Date))
 
     def read_batches(self, source: SourceConfig, columns: list[str], since: datetime | None,
                      batch_size: int) -> Iterator[pa.Table]:

@@ -67,6 +67,20 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
     watched = [mod_col] if mod_col else [m.column for m in source.fields.values()]
     expected = "to_json(struct_pack(" + ", ".join(f"{q(c)} := s.{q('_raw_' + c)}" for c in watched) + "))"
     inserts = []
+    _last_written(con, entity, target)
+
+    def written(column: str) -> str:
+        """The join to what reconcile last wrote into this column of the staged record (see `_last_written`)."""
+        return (f"LEFT JOIN _last_written lw ON lw.record_key = s._record_key "
+                f"AND lw.column_name = {sql_literal(column)}")
+
+    def differs(after_raw: str, canonical_differs: str) -> str:
+        """Does the target hold another value than the one to write? What it holds is what we last wrote
+        there when that write came after the staged row was read, else the staged value: a target that does
+        not stamp its modified time on our writes is never re-read, and its stale staged row must not
+        re-plan the same write every night."""
+        return (f"(CASE WHEN lw.run_at >= s._extracted_at THEN lw.value_hash <> md5(coalesce({after_raw}, chr(0))) "
+                f"ELSE {canonical_differs} END)")
 
     def change_id(key_expr: str, field_expr: str, op: str) -> str:
         return (f"substr(md5({r} || '|' || {t} || '|' || {key_expr} || '|' || {field_expr} || '|' || '{op}'), 1, 20)")
@@ -90,7 +104,9 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
                 FROM {golden_table(entity)} g
                 JOIN identity.xref x ON x.entity = {e} AND x.xid = g.xid AND x.system = {t}
                 JOIN {st} s ON s._record_key = x.record_key
-                WHERE g.{q(fname)} IS DISTINCT FROM s.{q(fname)} AND {blank_ok} AND {elig}""")
+                {written(mapping.column)}
+                WHERE {differs(after_raw, f'g.{q(fname)} IS DISTINCT FROM s.{q(fname)}')}
+                  AND {blank_ok} AND {elig}""")
         if sysconf.writes.create:
             cols = [(f, m) for f, m in source.fields.items() if ent.fields[f].owner != target]
             values = ", ".join(f"{q(m.column)} := {_reverse(f'g.{q(f)}', m.steps)}" for f, m in cols)
@@ -111,7 +127,8 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
                    NULL, NULL, NULL, NULL
             FROM identity.xref x JOIN {st} s ON s._record_key = x.record_key
             JOIN identity.xids i ON i.xid = x.xid AND i.status = 'active'
-            WHERE x.entity = {e} AND x.system = {t} AND s._xid IS DISTINCT FROM x.xid
+            {written(sysconf.xid_column)}
+            WHERE x.entity = {e} AND x.system = {t} AND {differs('x.xid', 's._xid IS DISTINCT FROM x.xid')}
               AND x.xid NOT IN (SELECT xid FROM identity.erasures WHERE entity = {e})""")
     arch = sysconf.writes.archive
     if arch is not None:
@@ -193,6 +210,22 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
             WHERE c.run_id = {r} AND c.entity = {e} AND c.target = {t} AND c.status = 'planned'
               AND c.change_id = p.change_id
         """)
+
+
+def _last_written(con, entity: str, target: str) -> None:
+    """`_last_written`: per record and column of the target, the value (hash) reconcile last wrote there
+    and its run's time, from audit.write_ledger; writes undone by a rollback do not count."""
+    con.execute("""
+        CREATE OR REPLACE TEMP TABLE _last_written AS
+        SELECT record_key, column_name, value_hash, run_at FROM (
+            SELECT w.record_key, w.column_name, w.value_hash, r.run_at,
+                   row_number() OVER (PARTITION BY w.record_key, w.column_name
+                                      ORDER BY r.run_at DESC, w.written_at DESC) AS rn
+            FROM audit.write_ledger w
+            JOIN audit.changes c ON c.change_id = w.change_id AND c.status = 'applied'
+            JOIN audit.runs r ON r.run_id = w.run_id AND r.entity = w.entity
+            WHERE w.entity = ? AND w.target = ?)
+        WHERE rn = 1""", [entity, target])
 
 
 def _thresholds(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
