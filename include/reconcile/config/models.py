@@ -191,6 +191,7 @@ class ChangeThreshold(_Strict):
 DEFAULT_CHANGE_THRESHOLDS = {
     "create": {"max": 1000, "max_share": 0.2},
     "update": {"max": 5000, "max_share": 0.1},
+    "link": {"max": 1000, "max_share": 0.2},  # writing the xid touches the record (its modified time) too
     "archive": {"max": 500, "max_share": 0.01},
     "erase": {"max": 50, "max_share": None},  # a legal duty: bounded in number, not by table size
 }
@@ -205,8 +206,9 @@ class GateOverrides(_Strict):
     duplicate_keys: dict[str, list[str]] | None = None
     freshness: FreshnessGate = Field(default_factory=FreshnessGate)
     quarantine_rate: QuarantineRateGate = Field(default_factory=QuarantineRateGate)
-    # Change thresholds per operation for writes into this system (create, update, archive, erase).
-    changes: dict[Literal["create", "update", "archive", "erase"], ChangeThreshold] = Field(default_factory=dict)
+    # Change thresholds per operation for writes into this system (create, update, link, archive, erase).
+    changes: dict[Literal["create", "update", "link", "archive", "erase"], ChangeThreshold] = Field(
+        default_factory=dict)
 
 
 class GateSettings(GateOverrides):

@@ -221,7 +221,8 @@ entities:
     gates:
       changes:                               # the demo's first night fixes many records at once; a real
         create: {max_share: 0.5}             # deployment keeps the conservative defaults (creates 20%,
-        update: {max_share: 0.5}             # updates 10%) and approves big first loads by hand
+        update: {max_share: 0.5}             # updates 10%, links 20%) and approves big first loads by hand
+        link: {max_share: 1}                 # night 1 stores the xid in every CRM record
     match:                                   # identity rules, tried in order after stored IDs
       - name: email
         fields: [email]                      # exact, one-to-one, never when the names contradict it
