@@ -231,3 +231,51 @@ def test_text_modified_at_on_postgresql_reads_only_the_changed_row(tmp_path, mon
 def test_text_modified_at_on_sqlite_compares_instants_not_strings(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'crm.db'}"
     _stamps(tmp_path, monkeypatch, sa.create_engine(url), url, None, False)
+
+
+RESTORE_CONFIG = """\
+version: 1
+warehouse: warehouse/reconcile.duckdb
+extract: {mode: full}
+load: {mode: apply}
+systems:
+  crm: {url: "sqlite:///systems/crm.db", creates_identity: true, xid_column: reconcile_xid}
+entities:
+  contact:
+    sources:
+      crm:
+        table: contact
+        key: contactid
+        modified_at: modifiedon
+        fields:
+          email: {column: emailaddress1, transform: email}
+    fields:
+      email: {owner: crm}
+    gates:
+      volume: {max_shrink: 0.2, tolerance_rows: 0}
+      changes: {link: {max_share: 1}}
+"""
+
+
+def test_restored_records_are_a_source_change_not_our_creates(tmp_path):
+    """Night 1 writes the xid into every CRM record (the ledger knows them all); 30% are deleted, then restored
+    with that xid: not records reconcile created, so the volume band is not shifted by them."""
+    from ..conftest import sqlite_exec, write_sqlite
+
+    db = tmp_path / "systems" / "crm.db"
+    write_sqlite(db, "CREATE TABLE contact (contactid TEXT PRIMARY KEY, emailaddress1 TEXT, reconcile_xid TEXT, "
+                     "modifiedon TEXT)", "contact",
+                 [(f"c{i:02}", f"p{i}@example.com", None, "2026-01-01 10:00:00") for i in range(20)])
+    (tmp_path / "reconcile.yaml").write_text(RESTORE_CONFIG)
+    cfg = load_config(tmp_path / "reconcile.yaml")
+    night(cfg, 1)
+    assert wh(cfg, "SELECT count(*) FROM audit.write_ledger") == [(20,)]
+    sqlite_exec(db, "CREATE TABLE backup AS SELECT * FROM contact WHERE contactid < 'c06'")
+    sqlite_exec(db, "DELETE FROM contact WHERE contactid < 'c06'")
+    night(cfg, 2)  # 14 of 20: the band (at least 16) fails, as it should
+    sqlite_exec(db, "INSERT INTO contact SELECT * FROM backup")
+    night(cfg, 3)
+    assert wh(cfg, "SELECT _change, count(*) FROM staging.crm__contact_history WHERE _run_id = 'r3' GROUP BY 1") == [
+        ("insert", 6)]
+    assert wh(cfg, "SELECT run_id, staged, volume_ok FROM audit.sync_health WHERE system = 'crm' ORDER BY 1") == [
+        ("r1", 20, True), ("r2", 14, False), ("r3", 20, True)]

@@ -325,12 +325,17 @@ def _mark_echoes(con, table: str, history: str, entity: str, system: str, run_id
                  modified_at: str | None) -> dict:
     """Our own writes coming back: a new version is an echo (not a user edit) when every column that changed
     since the previous version holds exactly what reconcile last wrote there (audit.write_ledger); a record we
-    created is an echo_insert. Counted apart, so they are neither user edits nor volume anomalies."""
+    created (the ledger holds its create) seen for the first time is an echo_insert. Counted apart, so they
+    are neither user edits nor volume anomalies. A record deleted and restored, or re-imported, is a source
+    change even where it holds values we once wrote: it was staged before, and we never created it."""
     con.execute("""
         CREATE OR REPLACE TEMP TABLE _ledger AS
-        SELECT record_key, column_name, value_hash FROM (
-            SELECT *, row_number() OVER (PARTITION BY record_key, column_name ORDER BY written_at DESC) AS rn
-            FROM audit.write_ledger WHERE entity = ? AND target = ? AND run_id <> ?) WHERE rn = 1
+        SELECT record_key, column_name, value_hash, created FROM (
+            SELECT w.record_key, w.column_name, w.value_hash,
+                   bool_or(c.operation = 'create') OVER (PARTITION BY w.record_key) AS created,
+                   row_number() OVER (PARTITION BY w.record_key, w.column_name ORDER BY w.written_at DESC) AS rn
+            FROM audit.write_ledger w JOIN audit.changes c ON c.change_id = w.change_id AND c.status = 'applied'
+            WHERE w.entity = ? AND w.target = ? AND w.run_id <> ?) WHERE rn = 1
     """, [entity, system, run_id])
 
     def written(c: str) -> str:
@@ -351,7 +356,8 @@ def _mark_echoes(con, table: str, history: str, entity: str, system: str, run_id
     con.execute(f"""
         UPDATE {history} h SET _change = 'echo_insert'
         WHERE h._run_id = {sql_literal(run_id)} AND h._change = 'insert'
-          AND h._record_key IN (SELECT record_key FROM _ledger)
+          AND h._record_key IN (SELECT record_key FROM _ledger WHERE created)
+          AND h._record_key NOT IN (SELECT _record_key FROM {history} WHERE _run_id <> {sql_literal(run_id)})
           AND NOT EXISTS (SELECT 1 FROM _ledger l WHERE l.record_key = h._record_key AND l.value_hash <>
                           md5(coalesce(CASE l.column_name {' '.join(f"WHEN {sql_literal(c)} THEN CAST(h.{q('_raw_' + c)} AS VARCHAR)" for c in columns)} END, chr(0))))
     """)
