@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
@@ -276,6 +276,24 @@ class ArchiveSettings(_Strict):
     hard_delete: bool = False
 
 
+# Longest text value (characters) an API system takes where its config names no limit (HubSpot refuses
+# property values over 65,535 characters; 4,000 is Dynamics' longest single-line text column).
+DEFAULT_MAX_TEXT_LENGTH = {"hubspot": 65_535, "dynamics": 4_000}
+
+
+class WriteLimits(_Strict):
+    """`systems.<s>.writes.limits`: what a value written into this system may hold. A planned change whose
+    value breaks them is held with the reason, never sent (docs/loading.md#holds)."""
+
+    # Characters per value: the smaller of this (or `columns.<column>`) and the column's declared length
+    # (VARCHAR(n), read at extract); unset: the declared length, else DEFAULT_MAX_TEXT_LENGTH by API kind.
+    max_length: int | None = Field(default=None, ge=1)
+    columns: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
+    # Control characters (other than tab, line feed, carriage return), bidi controls (U+202A..U+202E,
+    # U+2066..U+2069) and zero-width characters (U+200B..U+200D, U+2060, U+FEFF): hold, or allow.
+    characters: Literal["hold", "allow"] = "hold"
+
+
 class WriteSettings(_Strict):
     """`systems.<s>.writes`: what reconcile may do to this system when it is a target."""
 
@@ -283,6 +301,7 @@ class WriteSettings(_Strict):
     archive: ArchiveSettings | None = None    # archive records whose identity is gone from every identity source
     erase: Literal["anonymize", "delete"] = "anonymize"  # how an erasure request is carried out here
     blanks_overwrite: bool = False            # may an empty golden value blank out a value here?
+    limits: WriteLimits = Field(default_factory=WriteLimits)  # lengths and characters a value may have
 
 
 class ApiLimits(_Strict):

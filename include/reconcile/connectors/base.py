@@ -77,6 +77,10 @@ class Connector(Protocol):
                      batch_size: int) -> Iterator[pa.Table]:
         """Yield the source's rows as Arrow tables of strings (raw values, NULL kept), `batch_size` rows each."""
 
+    def max_lengths(self, source: SourceConfig) -> dict[str, int]:
+        """Declared maximum lengths (characters) of the source's text columns, e.g. a VARCHAR(40); {} where
+        the system declares none. Read at extract, checked by the plan before anything is written."""
+
     def writer(self, source: SourceConfig) -> Writer:
         """The write half for this source; ReconcileError if the system or source cannot be written."""
 

@@ -49,6 +49,10 @@ class FileConnector:
             return [max(found, key=lambda p: (p.stat().st_mtime_ns, p.name))]
         return found
 
+    def max_lengths(self, source: SourceConfig) -> dict[str, int]:
+        """Exports declare no lengths (and are never written)."""
+        return {}
+
     def columns(self, source: SourceConfig) -> list[str]:
         files = self.files(source)
         cols: dict[str, None] = {}

@@ -75,6 +75,18 @@ class SqlConnector:
         except Exception as e:
             raise self._fail("cannot read columns", e) from None
 
+    def max_lengths(self, source: SourceConfig) -> dict[str, int]:
+        if source.table is None:
+            return {}
+        schema, _, name = source.table.rpartition(".")
+        try:
+            with self.engine.connect() as conn:
+                cols = sa.inspect(conn).get_columns(name, schema=schema or None)
+        except Exception as e:
+            raise self._fail("cannot read column types", e) from None
+        return {c["name"]: c["type"].length for c in cols
+                if isinstance(c["type"], sa.String) and getattr(c["type"], "length", None)}
+
     def statement(self, source: SourceConfig, columns: list[str], since: datetime | None) -> sa.Select:
         """The read: these columns, rows modified since `since` (incremental) or every row in key order."""
         stmt = sa.select(*[sa.column(c) for c in columns]).select_from(self._selectable(source))

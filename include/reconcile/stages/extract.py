@@ -26,6 +26,7 @@ from ..transforms import EMAIL_PATTERN, apply_steps, quote_ident as q, sql_liter
 from ..warehouse import SQL_TYPES, once, staging_table, table_exists
 
 STAGE = "extract"
+MAX_LENGTHS_KEY = b"reconcile.max_lengths"  # Parquet schema metadata: declared column lengths (JSON)
 
 
 def source_columns(source: SourceConfig, xid_column: str | None = None) -> list[str]:
@@ -98,7 +99,6 @@ def extract_source(cfg: Config, entity: str, system: str, plan: dict, folder: Ru
     replaces it; a killed one leaves nothing that staging reads."""
     source = cfg.entity(entity).sources[system]
     columns = plan["columns"]
-    schema = pa.schema([(c, pa.string()) for c in columns])
     conn = connect(system, url, cfg.systems[system])
     rows = 0
     try:
@@ -111,6 +111,9 @@ def extract_source(cfg: Config, entity: str, system: str, plan: dict, folder: Ru
                 f"(mapped in entities.{entity}.sources.{system}); it has: {', '.join(real)}"
             )
         since = datetime.fromisoformat(plan["since"]) if plan["since"] else None
+        # The target's declared text lengths travel with the extract, for the plan's limits (stage_entity).
+        lengths = {c: n for c, n in conn.max_lengths(source).items() if c in columns}
+        schema = pa.schema([(c, pa.string()) for c in columns], metadata={MAX_LENGTHS_KEY: json.dumps(lengths)})
         with folder.writing(f"{system}.parquet") as fh, pq.ParquetWriter(fh, schema) as writer:
             for batch in conn.read_batches(source, columns, since, plan["batch_size"]):
                 writer.write_table(batch.cast(schema))
@@ -167,6 +170,7 @@ def _stage_source(con, cfg: Config, entity: str, system: str, source: SourceConf
     columns = plan["columns"]
 
     con.execute(f"CREATE OR REPLACE TEMP TABLE _ext AS SELECT * FROM read_parquet({sql_literal(str(path))})")
+    _record_column_limits(con, entity, system, run_id, path)
     extracted = con.execute("SELECT count(*) FROM _ext").fetchone()[0]
 
     key = f"NULLIF(CAST({q(source.key)} AS VARCHAR), '')"
@@ -319,6 +323,18 @@ def _stage_source(con, cfg: Config, entity: str, system: str, source: SourceConf
     return {"mode": plan["mode"], "extracted": extracted, "quarantined": quarantined, "echoes": echoes,
             "accepted": extracted - quarantined, "staged": staged,
             "inserted": inserted, "updated": updated, "deleted": deleted}
+
+
+def _record_column_limits(con, entity: str, system: str, run_id: str, path: Path) -> None:
+    """audit.column_limits: the declared lengths the extract read (replaced by every extract)."""
+    raw = (pq.read_schema(path).metadata or {}).get(MAX_LENGTHS_KEY)
+    if raw is None:  # an extract written before lengths were recorded: keep what is known
+        return
+    lengths = json.loads(raw)
+    con.execute("DELETE FROM audit.column_limits WHERE entity = ? AND system = ?", [entity, system])
+    con.execute("""INSERT INTO audit.column_limits (entity, system, column_name, max_length, run_id)
+                   SELECT ?, ?, unnest(?::VARCHAR[]), unnest(?::BIGINT[]), ?""",
+                [entity, system, list(lengths), list(lengths.values()), run_id])
 
 
 def _mark_echoes(con, table: str, history: str, entity: str, system: str, run_id: str, columns: list[str],

@@ -14,7 +14,7 @@ import json
 from datetime import datetime
 
 from ..config.expressions import to_duckdb_sql
-from ..config.models import DEFAULT_CHANGE_THRESHOLDS, Config
+from ..config.models import DEFAULT_CHANGE_THRESHOLDS, DEFAULT_MAX_TEXT_LENGTH, Config
 from ..transforms import quote_ident as q, sql_literal
 from ..warehouse import once, staging_table, table_exists
 from .golden import golden_table, lineage_table
@@ -181,6 +181,7 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
                       AND (b.field = '*' OR b.field = c.field
                            -- a create or archive carries every field: any block on the target stops it
                            OR c.operation IN ('create', 'archive'))""")
+    _hold_over_limits(con, cfg, entity, target, run_id)
     # Target-rule pre-check: the target's unique fields in its planned state. Every planned value carries the
     # change that would write it, so the changes to hold are found by equi-joins (never a join on an OR).
     for ufield in sysconf.unique:
@@ -212,6 +213,66 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
         """)
 
 
+# What `writes.limits.characters: hold` refuses (RE2 classes): control characters but tab, LF and CR; bidi
+# embeddings, overrides and isolates; zero-width characters and the byte-order mark.
+CHARACTER_CLASSES = {
+    "a control character": r"[\x{0}-\x{8}\x{B}\x{C}\x{E}-\x{1F}\x{7F}]",
+    "a bidi control character": r"[\x{202A}-\x{202E}\x{2066}-\x{2069}]",
+    "a zero-width character": r"[\x{200B}-\x{200D}\x{2060}\x{FEFF}]",
+}
+LIMITS_REASON = "over the target's limits: "
+
+
+def _hold_over_limits(con, cfg: Config, entity: str, target: str, run_id: str) -> None:
+    """Hold planned values the target cannot or must not take (`writes.limits`): longer than the column's
+    limit (the smaller of the configured one and the declared VARCHAR(n); else the API's default), or
+    holding control, bidi or zero-width characters. Never sent; `reason` says which value and why."""
+    ent, sysconf = cfg.entities[entity], cfg.systems[target]
+    source = ent.sources[target]
+    limits = sysconf.writes.limits
+    declared = dict(con.execute("SELECT column_name, max_length FROM audit.column_limits WHERE entity = ? "
+                                "AND system = ?", [entity, target]).fetchall())
+    columns = list(dict.fromkeys([m.column for m in source.fields.values()] +
+                                 ([sysconf.xid_column] if sysconf.xid_column else [])))
+    lengths = {}
+    for col in columns:
+        configured = limits.columns.get(col) or limits.max_length or DEFAULT_MAX_TEXT_LENGTH.get(
+            cfg.system_kind(target))
+        known = [n for n in (configured, declared.get(col)) if n]
+        if known:
+            lengths[col] = min(known)
+    r, e, t = sql_literal(run_id), sql_literal(entity), sql_literal(target)
+    mine = f"run_id = {r} AND entity = {e} AND target = {t} AND status = 'planned'"
+    # Every value about to be sent, one row per change and column (a create carries one per column).
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE _sent AS
+        SELECT change_id, column_name, after_raw AS v FROM audit.changes
+        WHERE {mine} AND operation IN ('update', 'link') AND after_raw IS NOT NULL
+        UNION ALL
+        SELECT c.change_id, k.column_name, CAST(c.after_raw AS JSON)->>k.column_name FROM audit.changes c
+        CROSS JOIN (SELECT unnest(?::VARCHAR[]) AS column_name) k
+        WHERE {mine.replace('run_id', 'c.run_id')} AND c.operation = 'create'
+    """, [columns])
+    checks = ["CASE WHEN length(s.v) > l.max_length THEN 'value for ' || s.column_name || ' has ' || length(s.v) "
+              "|| ' characters, more than ' || l.max_length END"]
+    if limits.characters == "hold":
+        checks += [f"CASE WHEN regexp_matches(s.v, {sql_literal(rx)}) THEN 'value for ' || s.column_name || "
+                   f"' holds U+' || printf('%04X', unicode(regexp_extract(s.v, {sql_literal(rx)}))) || "
+                   f"{sql_literal(', ' + what)} END" for what, rx in CHARACTER_CLASSES.items()]
+    con.execute(f"""
+        UPDATE audit.changes c SET status = 'held', reason = {sql_literal(LIMITS_REASON)} || p.why
+                                                              || ' (systems.{target}.writes.limits)'
+        FROM (SELECT change_id, string_agg(why, '; ' ORDER BY why) AS why FROM (
+                  SELECT s.change_id, coalesce({', '.join(checks)}) AS why
+                  FROM _sent s LEFT JOIN (SELECT unnest(?::VARCHAR[]) AS column_name,
+                                                 unnest(?::BIGINT[]) AS max_length) l USING (column_name)
+                  WHERE s.v IS NOT NULL)
+              WHERE why IS NOT NULL GROUP BY change_id) p
+        WHERE c.change_id = p.change_id
+    """, [list(lengths), list(lengths.values())])
+    con.execute("DROP TABLE _sent")
+
+
 def _last_written(con, entity: str, target: str) -> None:
     """`_last_written`: per record and column of the target, the value (hash) reconcile last wrote there
     and its run's time, from audit.write_ledger; writes undone by a rollback do not count."""
@@ -239,7 +300,11 @@ def _thresholds(con, cfg: Config, entity: str, run_id: str, run_at: datetime) ->
         t["by_operation"].setdefault(op, {})[status] = n
         if status in t:
             t[status] += n
+    over = dict(con.execute("""SELECT target, count(*) FROM audit.changes WHERE run_id = ? AND entity = ?
+                               AND status = 'held' AND starts_with(reason, ?) GROUP BY 1""",
+                            [run_id, entity, LIMITS_REASON]).fetchall())
     for target, t in out.items():
+        t["held_over_limits"] = over.get(target, 0)
         size = con.execute(f"SELECT count(*) FROM {staging_table(target, entity)}").fetchone()[0]
         limits = ent.gates.for_system(target).changes
         reasons = []

@@ -51,6 +51,14 @@ TABLES = [
         last_full_run_id VARCHAR,
         PRIMARY KEY (entity, system)
     )""",
+    """CREATE TABLE IF NOT EXISTS audit.column_limits (
+        entity VARCHAR NOT NULL,
+        system VARCHAR NOT NULL,
+        column_name VARCHAR NOT NULL,
+        max_length BIGINT NOT NULL,       -- declared maximum length in characters (a VARCHAR(n)), read at extract
+        run_id VARCHAR NOT NULL,          -- the extract that read it
+        PRIMARY KEY (entity, system, column_name)
+    )""",
     """CREATE TABLE IF NOT EXISTS audit.quarantine (
         run_id VARCHAR NOT NULL,
         entity VARCHAR NOT NULL,

@@ -45,6 +45,10 @@ class DynamicsConnector:
     def check(self) -> None:
         self.api.json("GET", "/EntityDefinitions", params={"$select": "LogicalName", "$top": "1"})
 
+    def max_lengths(self, source: SourceConfig) -> dict[str, int]:
+        """Not read from the metadata: the plan applies DEFAULT_MAX_TEXT_LENGTH unless writes.limits names one."""
+        return {}
+
     def columns(self, source: SourceConfig) -> list[str]:
         body = self.api.json("GET", "/EntityDefinitions", params={
             "$filter": f"EntitySetName eq '{source.table}'", "$select": "LogicalName",

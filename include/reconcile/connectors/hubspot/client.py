@@ -51,6 +51,10 @@ class HubSpotConnector:
     def check(self) -> None:
         self.api.json("GET", f"{S.OBJECTS_PATH}/contacts", params={"limit": 1})
 
+    def max_lengths(self, source: SourceConfig) -> dict[str, int]:
+        """Property definitions carry no length: the plan applies HubSpot's 65,535 (DEFAULT_MAX_TEXT_LENGTH)."""
+        return {}
+
     def columns(self, source: SourceConfig) -> list[str]:
         body = self.api.json("GET", f"{S.PROPERTIES_PATH}/{source.table}")
         names = [p["name"] for p in body.get("results", [])]
