@@ -183,14 +183,15 @@ entities:
 """
 
 
-def _stamps(tmp_path, monkeypatch, engine, url: str, schema: str | None, uuid_col: bool) -> None:
+def _stamps(tmp_path, monkeypatch, engine, url: str, schema: str | None, uuid_col: bool,
+            name: str = "stamped") -> sa.Table:
     """Text modified times in several ISO forms; night 2 reads only the row changed since night 1."""
     md = sa.MetaData(schema=schema)
     cols = [sa.Column("contactid", sa.String(36), primary_key=True), sa.Column("firstname", sa.Text),
             sa.Column("modifiedon", sa.Text)]
     if uuid_col:  # a uuid column sends PostgreSQL's read down the row path (bound parameters)
         cols.append(sa.Column("ref", sa.Uuid))
-    t = sa.Table("stamped", md, *cols)
+    t = sa.Table(name, md, *cols)
     md.create_all(engine)
     rows = [{"contactid": "A", "firstname": "Ann", "modifiedon": "2025-12-01 10:00:00"},
             {"contactid": "B", "firstname": "Bo", "modifiedon": "2025-12-02T10:00:00Z"},
@@ -199,7 +200,7 @@ def _stamps(tmp_path, monkeypatch, engine, url: str, schema: str | None, uuid_co
         conn.execute(t.insert(), rows)
     monkeypatch.setenv("RT_CRM_URL", url)
     (tmp_path / "reconcile.yaml").write_text(STAMP_CONFIG.format(
-        table=f"{schema}.stamped" if schema else "stamped", ref="ref: ref" if uuid_col else "",
+        table=f"{schema}.{name}" if schema else name, ref="ref: ref" if uuid_col else "",
         ref_field="ref: {owner: crm}" if uuid_col else ""))
     cfg = load_config(tmp_path / "reconcile.yaml")
     s1 = runner.run_entity(cfg, "contact", run_id="r1", run_at=datetime(2026, 2, 1))
@@ -211,6 +212,7 @@ def _stamps(tmp_path, monkeypatch, engine, url: str, schema: str | None, uuid_co
     assert s2["extract_mode"] == {"crm": "incremental"} and s2["extracted"] == {"crm": 1}
     assert wh(cfg, "SELECT _record_key, first_name FROM staging.crm__contact ORDER BY 1") == [
         ("A", "Ann"), ("B", "Bo"), ("C", "Cyrus")]
+    return t
 
 
 @pytest.mark.postgres
@@ -225,6 +227,17 @@ def test_text_modified_at_on_postgresql_reads_only_the_changed_row(tmp_path, mon
     finally:
         with engine.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{unique_name}" CASCADE'))
+        engine.dispose()
+
+
+@pytest.mark.mariadb
+def test_text_modified_at_on_mariadb_reads_only_the_changed_row(tmp_path, monkeypatch, mariadb_dsn, unique_name):
+    engine = sa.create_engine(mariadb_dsn)
+    try:
+        _stamps(tmp_path, monkeypatch, engine, mariadb_dsn, None, False, unique_name)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS `{unique_name}`"))
         engine.dispose()
 
 
