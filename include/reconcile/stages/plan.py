@@ -2,11 +2,14 @@
 
 Every planned change is justified by ownership (only fields configured with `send_to` the target; never a
 field the target owns), eligibility, and the golden value's lineage. Then, per target, in order:
-  held    - the identity is held by the collision guard, or the change would break the target's `unique:`
-            rules in its planned state (two creates with one email; an update to an email another has);
+  held    - the identity is held by the collision guard, a value breaks the target's limits (length,
+            control / bidi / zero-width characters: `writes.limits`), or the change would break the target's
+            `unique:` rules in its planned state (two creates with one email; an update to an email another has);
   blocked - an error-level quality gate failed on a system involved (audit.write_blocks);
   planned - everything else: loaded if the target's change counts are within its thresholds, or approved.
-Set-based: one INSERT ... SELECT per operation and target.
+Set-based: one INSERT ... SELECT per operation and target. What a target holds is what reconcile last wrote
+there (audit.write_ledger) where that write is newer than the staged row, else the staged row: a target that
+does not stamp its modified time on our writes still converges.
 """
 from __future__ import annotations
 
