@@ -5,7 +5,7 @@ import duckdb
 import pytest
 
 from reconcile.config.models import _parse_transform
-from reconcile.transforms import apply_steps, phone_e164, register_functions
+from reconcile.transforms import NANP_PATTERN, apply_steps, phone_e164, register_functions
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +54,36 @@ def test_map_translates_known_values_and_passes_unknown_through(con):
 def test_bad_transform_specs_raise(bad):
     with pytest.raises(ValueError):
         _parse_transform(bad)
+
+
+def _phone_variants() -> list[str]:
+    """North American numbers in every form the SQL fast path takes, and near misses it must leave to the
+    library (exchange or area code starting 0/1, too few or many digits, letters, other countries)."""
+    import random
+
+    rnd = random.Random(11)
+    out = []
+    for _ in range(3000):
+        area = f"{rnd.randint(0, 9)}{rnd.randint(0, 99):02}"
+        exch = f"{rnd.randint(0, 9)}{rnd.randint(0, 99):02}"
+        line = f"{rnd.randint(0, 9999):04}"
+        prefix = rnd.choice(["", "", "+1", "1", "+1 ", "1-", "+1.", "+", "01", "001 "])
+        sep = rnd.choice(["", " ", "-", ".", "  ", "/"])
+        a = rnd.choice([area, f"({area})", f"({area}", f"{area})"])
+        tail = rnd.choice(["", "", " ", " x12", "5"])
+        out.append(f"{rnd.choice(['', ' '])}{prefix}{a}{sep}{exch}{rnd.choice([sep, '-'])}{line}{tail}")
+    return out + ["+44 20 7946 0018", "call me", "555-0134", "+1 415-555-013", "14155550134", "1 (415) 555-0134"]
+
+
+@pytest.mark.parametrize("region", ["US", "CA", "GB"])
+def test_phone_sql_fast_path_gives_exactly_what_the_library_gives(con, region):
+    values = _phone_variants()
+    expr = apply_steps("v", _parse_transform("phone"), region)
+    got = [r[0] for r in con.execute(f"SELECT {expr} FROM unnest(?) t(v)", [values]).fetchall()]
+    want = [phone_e164(v, region) for v in values]
+    assert [(v, g) for v, g, w in zip(values, got, want) if g != w] == []
+    if region != "GB":  # the fast path really takes most of them: only the others reach the UDF
+        assert "regexp_full_match" in expr
+        fast = con.execute(f"SELECT count(*) FROM unnest(?) t(v) WHERE regexp_full_match(trim(v), "
+                           f"'{NANP_PATTERN}')", [values]).fetchone()[0]
+        assert fast > 300
