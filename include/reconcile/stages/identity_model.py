@@ -215,17 +215,35 @@ def _db(records):
 
 
 def _person_term_frequencies(con, db, linker, model: dict) -> None:
-    """Term frequencies among people, not records: records of one group (`grp`: the xid a record is already
-    linked to, else its exact-rule key, else itself) count once. Splink's own counts every record, so a
-    person held by three systems makes their own phone look three times as common as it is."""
+    """Term frequencies among other people, not records: for each value, the chance that a record of
+    someone else holds it too (what u means for that value).
+
+    Splink's own counts every record, the record itself and its person's other records included, so a
+    person held by three systems made their own phone look three times as common as it is, and name +
+    phone too weak to link. Here:
+      - people holding a value: the most records of it in any one system, records of one group (`grp`:
+        the xid a record is already linked to, else its exact-rule key) counting once;
+      - a value's u: the other people holding it, (people - 1) / all people with a value, but never
+        rarer than the average chance that two different people agree (the agreement rate of record
+        pairs within each system, where records are of different people, computed exactly);
+      - with no two people agreeing anywhere: one in (people with a value)^2.
+    """
     cols = sorted({lv["tf_adjustment_column"] for c in model["comparisons"] for lv in c["comparison_levels"]
                    if lv.get("tf_adjustment_column")})
     for col in cols:
         name = f"tf_{col}"
         con.execute(f"""CREATE OR REPLACE TABLE "{name}" AS
-                        SELECT "{col}", CAST(count(DISTINCT grp) AS DOUBLE)
-                               / (SELECT count(DISTINCT grp) FROM recs WHERE "{col}" IS NOT NULL) AS "tf_{col}"
-                        FROM recs WHERE "{col}" IS NOT NULL GROUP BY ALL""")
+                        WITH per_system AS (
+                            SELECT "{col}", system, count(DISTINCT grp) AS n FROM recs WHERE "{col}" IS NOT NULL
+                            GROUP BY ALL),
+                        systems AS (SELECT system, sum(n) AS total, sum(n * (n - 1)) AS agreeing
+                                    FROM per_system GROUP BY ALL),
+                        people AS (SELECT "{col}", max(n) AS n FROM per_system GROUP BY ALL),
+                        total AS (SELECT CAST(sum(n) AS DOUBLE) AS n FROM people),
+                        average AS (SELECT CAST(sum(agreeing) AS DOUBLE) / nullif(sum(total * (total - 1)), 0) AS u
+                                    FROM systems)
+                        SELECT p."{col}", greatest((p.n - 1) / t.n, coalesce(a.u, 0), 1 / (t.n * t.n)) AS "tf_{col}"
+                        FROM people p, total t, average a""")
         linker.table_management.register_term_frequency_lookup(db.register(name), col)
 
 
