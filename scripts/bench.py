@@ -200,15 +200,20 @@ CEILING_SQL = """
     SELECT sum(s * (s - 1) / 2) / sum(n * (n - 1) / 2) FROM p
 """
 
-# Records left without an xid must each wait in an open identity item about them: a record that is in
-# neither is lost (the v1 bug: at 300k people, orphan items were created and resolved in the same run).
+# Records left without an xid must each wait in an open identity item about them, or be listed as waiting
+# on an open duplicate item: a record that is in none is lost (the v1 bug: at 300k people, orphan items
+# were created and resolved in the same run).
 LOST_SQL = """
+    WITH waiting AS (
+        SELECT w.system, w.record_key FROM (
+            SELECT unnest(from_json(details->'$.waiting', '[{"system": "VARCHAR", "record_key": "VARCHAR"}]')) AS w
+            FROM review.items WHERE entity = 'contact' AND status = 'open' AND kind = 'duplicate'))
     SELECT count(*) FROM recs r
-    WHERE NOT EXISTS (SELECT 1 FROM identity.xref x WHERE x.entity = 'contact' AND x.system = r.system
-                      AND x.record_key = r.record_key)
-      AND NOT EXISTS (SELECT 1 FROM review.items i WHERE i.entity = 'contact' AND i.status = 'open'
-                      AND i.kind IN ('candidate', 'orphan', 'conflict') AND i.system = r.system
-                      AND i.details->>'record_key' = r.record_key)
+    ANTI JOIN identity.xref x ON x.entity = 'contact' AND x.system = r.system AND x.record_key = r.record_key
+    ANTI JOIN (SELECT system, details->>'record_key' AS record_key FROM review.items
+               WHERE entity = 'contact' AND status = 'open' AND kind IN ('candidate', 'orphan', 'conflict')) i
+         ON i.system = r.system AND i.record_key = r.record_key
+    ANTI JOIN waiting w ON w.system = r.system AND w.record_key = r.record_key
 """
 
 

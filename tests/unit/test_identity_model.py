@@ -219,3 +219,86 @@ def test_trained_m_u_exact_email_is_high_and_a_common_value_weighs_less(tmp_path
     weights = dict(query(cfg, """SELECT record_key, CAST(evidence->'$.phone.weight' AS DOUBLE) FROM identity.xref
                                 WHERE system = 'erp' AND record_key IN ('E1', 'E500')"""))
     assert weights["E1"] < weights["E500"] - 3  # 40 people share E1's phone: term frequency lowers its weight
+
+
+def test_after_a_retraining_unchanged_records_are_scored_again(tmp_path):
+    # retrain_every: 2 -> night 1 trains, night 2 reuses, night 3 trains again and re-scores every record
+    cfg = make(tmp_path, CRM, marketing=[(1, "anna.berg@northwind.example", "Anna", "Berg")],
+               erp=[("E1", None, "Rob", "Jones", "+1 415 555 0102", "Acme")],
+               match=MATCH + "    identity: {retrain_every: 2}\n")
+    first = night(cfg, 1)
+    before = query(cfg, "SELECT system, record_key, xid FROM identity.xref ORDER BY ALL")
+    second, third = night(cfg, 2), night(cfg, 3)
+    assert [s["model"]["status"] for s in (first, second, third)] == ["trained", "reused", "trained"]
+    assert (first["pairs_scored"], second["pairs_scored"], third["pairs_scored"]) == (2, 0, 2)
+    assert third["model"]["trained_run_id"] == "r3" and third["linked"] == 0
+    assert query(cfg, "SELECT system, record_key, xid FROM identity.xref ORDER BY ALL") == before
+    # every fingerprint now names the new model: night 4 (reused) scores nothing again
+    assert night(cfg, 4)["pairs_scored"] == 0
+
+
+def test_unlinked_records_wait_in_open_items_and_none_is_resolved_in_the_run_that_made_it(tmp_path):
+    """The lost-orphans bug (v1, 300k people): orphan items were created and set resolved in the same run,
+    so the summary said review 0, orphans 0 with thousands of records unlinked. With identity.orphans:
+    review, every record left without an xid has exactly one open item, across runs, until it links."""
+    cfg = make(tmp_path, CRM, marketing=[(1, "info@brightwater.example", "Tom", "Becker"),
+                                         (2, "zed@quill.example", "Zed", "Quill")],
+               erp=[("E3", None, "Ida", "Moss", "2065550100", "Moss Ltd")],
+               match=MATCH + "    identity: {orphans: review}\n")
+
+    def state():
+        return query(cfg, """SELECT kind, system, details->>'record_key', status, first_seen_run FROM review.items
+                             ORDER BY ALL""")
+
+    for n in (1, 2):
+        s = night(cfg, n)
+        assert (s["unlinked_records"], s["review"], s["orphans"], s["candidates"], s["minted"]) == (3, 3, 2, 1,
+                                                                                                   4 if n == 1 else 0)
+        assert state() == [("candidate", "marketing", "1", "open", "r1"), ("orphan", "erp", "E3", "open", "r1"),
+                           ("orphan", "marketing", "2", "open", "r1")]
+    # Zed enters the CRM: his marketing contact links by email, and only his orphan item is resolved
+    sqlite_exec(tmp_path / "systems" / "crm.db", "INSERT INTO contact VALUES ('Z', 'zed@quill.example', 'Zed', "
+                                                 "'Quill', NULL, NULL, '2026-01-03 10:00:00')")
+    s = night(cfg, 3)
+    assert (s["unlinked_records"], s["orphans"], s["by_rule"]) == (2, 1, {"match:email": 1, "minted": 1})
+    assert state() == [("candidate", "marketing", "1", "open", "r1"), ("orphan", "erp", "E3", "open", "r1"),
+                       ("orphan", "marketing", "2", "resolved", "r1")]
+
+
+def test_a_record_waiting_on_a_duplicate_links_once_the_duplicate_is_merged(tmp_path):
+    # Siobhan is twice in the CRM with one email; her marketing contact shares it. One item: the duplicate,
+    # which lists the marketing contact as waiting; merging it lets the contact link on the next run.
+    from reconcile import review
+
+    cfg = make(tmp_path, CRM + [("S1", "siobhan@example.org", "Siobhan", "OBrien", None, "Harbor"),
+                                ("S2", "siobhan@example.org", "Siobhan", "OBrien", None, "Harbor")],
+               marketing=[(3, "siobhan@example.org", "Siobhan", "OBrien")])
+    s = night(cfg, 1)
+    assert xid(cfg, "marketing", "3") is None and open_items(cfg, "candidate") == {}
+    assert (s["review"], s["duplicates"], s["unlinked_records"]) == (1, 1, 1)
+    (item_id, details), = query(cfg, "SELECT item_id, details FROM review.items WHERE kind = 'duplicate'")
+    details = json.loads(details)
+    assert details["waiting"] == [{"system": "marketing", "record_key": "3"}]
+    assert details["would_change"]["links"] == "merge: one xid for all 2 records; then marketing:3 join(s) it"
+    review.decide(cfg, "merge", by="steward", reason="entered twice", item_id=item_id)
+    s = night(cfg, 2)
+    assert xid(cfg, "marketing", "3") == xid(cfg, "crm", "S1") == xid(cfg, "crm", "S2")
+    assert s["by_rule"] == {"decision:merge": 1, "match:email": 1} and s["review"] == 0
+
+
+def test_term_frequencies_count_other_people_not_the_records_of_the_same_person():
+    from reconcile.stages.identity_model import term_frequency_sql
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE recs (system VARCHAR, grp VARCHAR, phone VARCHAR)")
+    con.execute("""INSERT INTO recs (system, grp, phone) VALUES
+        -- Ann's phone in three systems (her own records: not a common value); Bob's only in the CRM
+        ('crm', 'ann', 'p1'), ('marketing', 'ann', 'p1'), ('erp', 'erp:1', 'p1'), ('crm', 'bob', 'p2'),
+        -- Cy's phone twice in the CRM, on one group (one person entered twice, sharing an email)
+        ('crm', 'cy', 'p3'), ('crm', 'cy', 'p3'),
+        -- an office switchboard three CRM contacts and one ERP customer share
+        ('crm', 'd', 'p4'), ('crm', 'e', 'p4'), ('crm', 'f', 'p4'), ('erp', 'erp:2', 'p4')""")
+    tf = dict(con.execute(term_frequency_sql("phone")).fetchall())
+    # people holding a value: p1 1, p2 1, p3 1, p4 3, so 6 in all; within the CRM 6 people, 3 of them share
+    # p4: 6 agreeing ordered pairs of 30, on the ERP 0 of 2: average u 6 / 32
+    assert tf == {"p1": 6 / 32, "p2": 6 / 32, "p3": 6 / 32, "p4": 2 / 6}

@@ -149,8 +149,8 @@ def test_two_eligible_crm_contacts_with_one_email_are_held_for_marketing_only(pr
     assert holds == [("marketing", "crm:c7"), ("marketing", "crm:c8")]
     (kind, system, status, details), = items
     details = json.loads(details)
-    assert (kind, system, status, details["field"], details["value"]) == (
-        "collision", "marketing", "open", "email", "info@shared.example")
+    assert (kind, system, status, details["field"], details["value"], details["priority"]) == (
+        "collision", "marketing", "open", "email", "info@shared.example", 1.0)  # stored: it holds writes back
     assert sorted((side["identity"], side["first_name"]) for side in details["sides"]) == sorted(
         [(xid_of["c7"], "Maria"), (xid_of["c8"], "Tom")])
     # the next run keeps the same review item (no duplicates); fixing the data resolves it

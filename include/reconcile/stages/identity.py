@@ -183,6 +183,11 @@ class _Run:
         return self.link_from("SELECT system, record_key, xid, rule, confidence, evidence FROM _cand_ok")
 
     # -- review items -----------------------------------------------------------------------------------
+    def item_id_sql(self, kind: str, item_key: str) -> str:
+        """SQL: the id of the item of `kind` about the situation `item_key` (an SQL expression)."""
+        return (f"{sql_literal(kind[:3] + '_')} || substr(sha256({sql_literal(kind + '|' + self.entity + '|')} "
+                f"|| {item_key}), 1, 16)")
+
     def items_from(self, kind: str, sql: str) -> int:
         """Upsert review items from a query yielding (system, record_key, item_key, title, details JSON,
         priority), in one statement. record_key is the record an item is about (NULL for several).
@@ -195,8 +200,7 @@ class _Run:
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE _items AS
             SELECT DISTINCT ON (item_id) * FROM (
-                SELECT {sql_literal(kind[:3] + '_')} || substr(sha256({sql_literal(kind + '|' + self.entity + '|')}
-                       || item_key), 1, 16) AS item_id, system, record_key, title,
+                SELECT {self.item_id_sql(kind, 'item_key')} AS item_id, system, record_key, title,
                        json_merge_patch(CAST(details AS JSON),
                                         json_object('priority', round(CAST(priority AS DOUBLE), 4))) AS details
                 FROM ({sql}))
@@ -313,12 +317,17 @@ def _exact_rule(r: _Run, rule, final: bool) -> None:
         FROM _recs rec LEFT JOIN identity.xref x ON x.entity = {e} AND x.system = rec.system AND x.record_key = rec.record_key
         WHERE {all_set}
     """)
+    # Per key: the most identities one system holds (its records on one xid, e.g. merged by a steward,
+    # count once), the xids, the systems.
     r.con.execute("""
         CREATE OR REPLACE TEMP TABLE _kgroups AS
-        SELECT k, max(per_system) AS max_per_system, count(DISTINCT xid) AS xids, count(DISTINCT system) AS systems,
-               any_value(xid) FILTER (WHERE xid IS NOT NULL) AS the_xid
-        FROM (SELECT k, system, xid, count(*) OVER (PARTITION BY k, system) AS per_system FROM _keyed)
-        GROUP BY k
+        SELECT g.k, p.max_per_system, g.xids, g.systems, g.the_xid
+        FROM (SELECT k, count(DISTINCT xid) AS xids, count(DISTINCT system) AS systems,
+                     any_value(xid) FILTER (WHERE xid IS NOT NULL) AS the_xid
+              FROM _keyed GROUP BY k) g
+        JOIN (SELECT k, max(n) AS max_per_system
+              FROM (SELECT k, system, count(DISTINCT coalesce(xid, record_key)) AS n FROM _keyed GROUP BY k, system)
+              GROUP BY k) p USING (k)
     """)
     # One-to-one matches whose names contradict the key (a linked record of the xid names someone else).
     r.con.execute(f"""
@@ -349,6 +358,28 @@ def _exact_rule(r: _Run, rule, final: bool) -> None:
                    AS details,
                0.9 AS priority
         FROM _kmatch m WHERE m.contradicted AND {r.unlinked('m')}""")
+    # Waiting on a duplicate: an unlinked record, alone in its system on the key, whose key another system holds
+    # on several identities that look like one person entered twice (names not contradicting each other nor
+    # the record). That system's duplicate item decides it (a merge lets the record link on the next run) and
+    # lists it; the record gets no item of its own while that item is open.
+    contradicted = _contradicted(r.cfg, r.entity, "a", "b")
+    r.con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE _kdup AS
+        SELECT a.k, a.system, bool_or({contradicted}) AS contradicted,
+               {r.item_id_sql('duplicate', f"a.system || '|' || {sql_literal(rule.name)} || '|' || a.k")} AS item_id
+        FROM _keyed a JOIN _keyed b ON b.k = a.k AND b.system = a.system AND a.record_key < b.record_key
+        WHERE a.xid IS NULL OR b.xid IS NULL OR a.xid <> b.xid
+        GROUP BY a.k, a.system""")
+    r.con.execute(f"""
+        INSERT INTO _in_review
+        SELECT DISTINCT kd.system, kd.record_key
+        FROM _keyed kd JOIN _kdup d ON d.k = kd.k AND d.system <> kd.system AND NOT d.contradicted
+        LEFT JOIN review.items i ON i.item_id = d.item_id
+        ANTI JOIN _kdup own ON own.k = kd.k AND own.system = kd.system
+        ANTI JOIN _in_review ir ON ir.system = kd.system AND ir.record_key = kd.record_key
+        WHERE {r.unlinked('kd')} AND coalesce(i.status, 'open') NOT IN ('decided', 'ignored')
+          AND NOT EXISTS (SELECT 1 FROM _keyed o WHERE o.k = kd.k AND o.system = d.system
+                                                   AND {_contradicted(r.cfg, r.entity, 'kd', 'o')})""")
     # Ambiguous: an unlinked record whose key is shared by several records of one system, or by several xids.
     r.items_from("candidate", f"""
         SELECT kd.system, kd.record_key, kd.system || '|' || kd.record_key AS item_key,
@@ -374,14 +405,16 @@ def _exact_rule(r: _Run, rule, final: bool) -> None:
 # The match model: score what changed, then three bands
 # ----------------------------------------------------------------------------------------------------------
 
-def _fingerprint_sql(spec: ModelSpec) -> str:
-    return ("md5(concat_ws(chr(31), " + sql_literal(spec.signature) + ", "
+def _fingerprint_sql(spec: ModelSpec, trained_run_id: str) -> str:
+    """A record's compared values and the model that scores them: either changing makes it scored again."""
+    return ("md5(concat_ws(chr(31), " + sql_literal(spec.signature) + ", " + sql_literal(trained_run_id) + ", "
             + ", ".join(f"coalesce(rec.{q(f)}, chr(0))" for f in spec.fields) + "))")
 
 
-def _model(r: _Run, spec: ModelSpec, records) -> dict:
-    """The model for this run: the stored one for the same spec if trained fewer than `retrain_every` runs
-    ago, else trained now (from the previous parameters). One identity.model row per run either way."""
+def _model(r: _Run, spec: ModelSpec, records) -> tuple[dict, str]:
+    """The model for this run and the run that trained it: the stored one for the same spec if trained fewer
+    than `retrain_every` runs ago, else trained now (from the previous parameters). One identity.model row
+    per run either way."""
     con, e = r.con, r.entity
     prev = con.execute("""SELECT parameters, trained_run_id, signature FROM identity.model WHERE entity = ?
                           ORDER BY created_at DESC, run_id DESC LIMIT 1""", [e]).fetchone()
@@ -401,23 +434,19 @@ def _model(r: _Run, spec: ModelSpec, records) -> dict:
                 [e, r.run_id, status, trained_run, spec.signature, records.num_rows, spec.link_threshold,
                  spec.review_threshold, json.dumps(model), json.dumps(identity_model.m_u(model)), r.run_at])
     r.stats["model"] = {"status": status, "trained_run_id": trained_run}
-    return model
+    return model, trained_run
 
 
 def _score(r: _Run, spec: ModelSpec | None) -> None:
     """_pairs: every scored pair, in both directions (system, record_key, other_system, other_key,
     probability, weight, evidence, contradicted). Only records new or changed since they were last scored
-    (identity.fingerprints) are scored, against every record."""
+    (identity.fingerprints), or all of them when the model was trained again this run, are scored, against
+    every record."""
     con, e = r.con, r.entity
     con.execute("""CREATE OR REPLACE TEMP TABLE _pairs (system VARCHAR, record_key VARCHAR, other_system VARCHAR,
                    other_key VARCHAR, probability DOUBLE, weight DOUBLE, evidence VARCHAR, contradicted BOOLEAN)""")
     con.execute("CREATE OR REPLACE TEMP TABLE _fresh (rid VARCHAR)")
     if spec is None:
-        return
-    con.execute(f"""INSERT INTO _fresh SELECT rec.rid FROM _recs rec
-                    ANTI JOIN identity.fingerprints fp ON fp.entity = {sql_literal(e)} AND fp.system = rec.system
-                        AND fp.record_key = rec.record_key AND fp.fingerprint = {_fingerprint_sql(spec)}""")
-    if not con.execute("SELECT count(*) FROM _fresh").fetchall()[0][0]:  # fetchall: the result is finished
         return
     exact = [rule for rule in match_rules(r.cfg, e) if rule.type == "exact"]
     key = (f"concat_ws(chr(31), {', '.join('rec.' + q(f) for f in exact[0].fields)})" if exact else "NULL")
@@ -427,8 +456,14 @@ def _score(r: _Run, spec: ModelSpec | None) -> None:
     records = con.sql(f"""SELECT {cols}, coalesce(x.xid, {key}, rec.rid) AS grp FROM _recs rec
                           LEFT JOIN identity.xref x ON x.entity = {sql_literal(e)} AND x.system = rec.system
                                                    AND x.record_key = rec.record_key""").to_arrow_table()
+    model, trained_run = _model(r, spec, records)
+    fingerprint = _fingerprint_sql(spec, trained_run)
+    con.execute(f"""INSERT INTO _fresh SELECT rec.rid FROM _recs rec
+                    ANTI JOIN identity.fingerprints fp ON fp.entity = {sql_literal(e)} AND fp.system = rec.system
+                        AND fp.record_key = rec.record_key AND fp.fingerprint = {fingerprint}""")
+    if not con.execute("SELECT count(*) FROM _fresh").fetchall()[0][0]:  # fetchall: the result is finished
+        return
     fresh = con.sql("SELECT rid FROM _fresh").to_arrow_table()
-    model = _model(r, spec, records)
     scored = identity_model.score(records, fresh, model, spec)
     con.register("_scored_arrow", scored)
     try:
@@ -447,7 +482,7 @@ def _score(r: _Run, spec: ModelSpec | None) -> None:
         SELECT b.system, b.record_key, a.system, a.record_key, s.probability, s.weight, s.evidence_rev, {contradicted}
         FROM _scored s JOIN _recs a ON a.rid = s.rid_l JOIN _recs b ON b.rid = s.rid_r""")
     con.execute(f"""INSERT OR REPLACE INTO identity.fingerprints (entity, system, record_key, fingerprint, run_id)
-                    SELECT {sql_literal(e)}, rec.system, rec.record_key, {_fingerprint_sql(spec)}, {sql_literal(r.run_id)}
+                    SELECT {sql_literal(e)}, rec.system, rec.record_key, {fingerprint}, {sql_literal(r.run_id)}
                     FROM _recs rec SEMI JOIN _fresh USING (rid)""")
 
 
@@ -638,6 +673,12 @@ def _duplicates(r: _Run, rules) -> None:
             continue
         key = "concat_ws(chr(31), " + ", ".join(f"rec.{q(f)}" for f in rule.fields) + ")"
         all_set = " AND ".join(f"rec.{q(f)} IS NOT NULL" for f in rule.fields)
+        # Unlinked records sharing the key: what a merge would let link (listed on the item).
+        r.con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE _waiting AS
+            SELECT {key} AS k, list(struct_pack(system := rec.system, record_key := rec.record_key)
+                                    ORDER BY rec.system, rec.record_key) AS records
+            FROM _recs rec WHERE {all_set} AND {r.unlinked('rec')} GROUP BY ALL""")
         r.items_from("duplicate", f"""
             SELECT rec.system, NULL AS record_key, rec.system || '|' || {sql_literal(rule.name)} || '|' || {key} AS item_key,
                    count(*) || ' ' || rec.system || ' records share {rule.name} ' || replace({key}, chr(31), ' + ') ||
@@ -645,11 +686,16 @@ def _duplicates(r: _Run, rules) -> None:
                    to_json(struct_pack(system := rec.system, rule := {sql_literal(rule.name)},
                        key := string_split({key}, chr(31)),
                        records := list(struct_pack(record_key := rec.record_key, xid := x.xid) ORDER BY rec.record_key),
-                       would_change := struct_pack(links := 'merge: one xid for all ' || count(*) || ' records'),
+                       waiting := coalesce(list_filter(any_value(w.records), lambda o: o.system <> rec.system), []),
+                       would_change := struct_pack(links := 'merge: one xid for all ' || count(*) || ' records' ||
+                           coalesce('; then ' || nullif(array_to_string(list_transform(list_filter(
+                               any_value(w.records), lambda o: o.system <> rec.system), lambda o: o.system || ':' || o.record_key),
+                               ', '), '') || ' join(s) it', '')),
                        why := 'within-system duplicate: decide merge or distinct')) AS details,
                    0.5 AS priority
             FROM _recs rec LEFT JOIN identity.xref x
               ON x.entity = {e} AND x.system = rec.system AND x.record_key = rec.record_key
+            LEFT JOIN _waiting w ON w.k = {key}
             WHERE {all_set}
             GROUP BY rec.system, {key} HAVING count(*) > 1""")
 

@@ -214,13 +214,13 @@ def _db(records):
     return con, splink.DuckDBAPI(connection=con)
 
 
-def _person_term_frequencies(con, db, linker, model: dict) -> None:
-    """Term frequencies among other people, not records: for each value, the chance that a record of
-    someone else holds it too (what u means for that value).
+def term_frequency_sql(col: str) -> str:
+    """SQL over `recs` (system, grp, col): per value of `col`, its u, the chance that a record of someone else
+    holds it too (Splink's term-frequency table for that column).
 
-    Splink's own counts every record, the record itself and its person's other records included, so a
-    person held by three systems made their own phone look three times as common as it is, and name +
-    phone too weak to link. Here:
+    Splink's own term frequencies count every record, the record itself and its person's other records
+    included, so a person held by three systems made their own phone look three times as common as it is,
+    and name + phone too weak to link. Here:
       - people holding a value: the most records of it in any one system, records of one group (`grp`:
         the xid a record is already linked to, else its exact-rule key) counting once;
       - a value's u: the other people holding it, (people - 1) / all people with a value, but never
@@ -228,23 +228,25 @@ def _person_term_frequencies(con, db, linker, model: dict) -> None:
         pairs within each system, where records are of different people, computed exactly);
       - with no two people agreeing anywhere: one in (people with a value)^2.
     """
+    return f"""WITH per_system AS (
+                   SELECT "{col}", system, count(DISTINCT grp) AS n FROM recs WHERE "{col}" IS NOT NULL GROUP BY ALL),
+               systems AS (SELECT system, sum(n) AS total, sum(n * (n - 1)) AS agreeing FROM per_system GROUP BY ALL),
+               people AS (SELECT "{col}", max(n) AS n FROM per_system GROUP BY ALL),
+               total AS (SELECT CAST(sum(n) AS DOUBLE) AS n FROM people),
+               average AS (SELECT CAST(sum(agreeing) AS DOUBLE) / nullif(sum(total * (total - 1)), 0) AS u
+                           FROM systems)
+               SELECT p."{col}", greatest((p.n - 1) / t.n, coalesce(a.u, 0), 1 / (t.n * t.n)) AS "tf_{col}"
+               FROM people p, total t, average a"""
+
+
+def _person_term_frequencies(con, db, linker, model: dict) -> None:
+    """Term frequencies among other people, not records (`term_frequency_sql`), for every column the model
+    adjusts, registered with the linker."""
     cols = sorted({lv["tf_adjustment_column"] for c in model["comparisons"] for lv in c["comparison_levels"]
                    if lv.get("tf_adjustment_column")})
     for col in cols:
-        name = f"tf_{col}"
-        con.execute(f"""CREATE OR REPLACE TABLE "{name}" AS
-                        WITH per_system AS (
-                            SELECT "{col}", system, count(DISTINCT grp) AS n FROM recs WHERE "{col}" IS NOT NULL
-                            GROUP BY ALL),
-                        systems AS (SELECT system, sum(n) AS total, sum(n * (n - 1)) AS agreeing
-                                    FROM per_system GROUP BY ALL),
-                        people AS (SELECT "{col}", max(n) AS n FROM per_system GROUP BY ALL),
-                        total AS (SELECT CAST(sum(n) AS DOUBLE) AS n FROM people),
-                        average AS (SELECT CAST(sum(agreeing) AS DOUBLE) / nullif(sum(total * (total - 1)), 0) AS u
-                                    FROM systems)
-                        SELECT p."{col}", greatest((p.n - 1) / t.n, coalesce(a.u, 0), 1 / (t.n * t.n)) AS "tf_{col}"
-                        FROM people p, total t, average a""")
-        linker.table_management.register_term_frequency_lookup(db.register(name), col)
+        con.execute(f'CREATE OR REPLACE TABLE "tf_{col}" AS {term_frequency_sql(col)}')
+        linker.table_management.register_term_frequency_lookup(db.register(f"tf_{col}"), col)
 
 
 def train(records, spec: ModelSpec, previous: dict | None = None) -> dict:

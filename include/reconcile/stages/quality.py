@@ -417,7 +417,7 @@ def find_collisions(con, cfg: Config, entity: str, run_id: str, run_at: datetime
                        '" in {target}, which requires it to be unique' AS title,
                        to_json(struct_pack(target := {sql_literal(target)}, field := {sql_literal(ufield)},
                            value := value, identities := list(identity ORDER BY identity),
-                           sides := list(side ORDER BY identity))) AS details
+                           sides := list(side ORDER BY identity), priority := 1.0)) AS details
                 FROM _collide GROUP BY value
             """)
             upsert_review_items(con, f"SELECT item_id, {sql_literal(target)} AS system, title, details FROM _col_items",
