@@ -776,7 +776,9 @@ def _erase(args) -> int:
     else:
         print(f"erasure recorded: {entity} {xid} (request {result['request_id']}); suppressed from golden records, "
               f"{len(result['records'])} record(s): {', '.join(result['records']) or 'none'}")
-        print("the records stay in the systems and in staging until erasure is planned per system")
+        print(f"{result['identifiers']} identifier(s) kept as salted hashes (a record reappearing with one is "
+              f"suppressed and reviewed); the warehouse holds no value of the person any more")
+        print("the next run erases the records in the systems (systems.<name>.writes.erase)")
     return 0
 
 
