@@ -202,3 +202,38 @@ def test_the_salt_is_generated_once_outside_the_tables(tmp_path, monkeypatch):
     assert len(first) == 64 and erasure_salt(cfg) == first
     salt_file = cfg.state_dir / SALT_FILE
     assert salt_file.stat().st_mode & 0o077 == 0  # the owner's only
+
+
+@pytest.mark.parametrize("crm_erase,blanked,kept", [
+    # named extra columns: the unmapped job title goes too; billing is not named, so it stays
+    ("{columns: [jobtitle]}", ["emailaddress1", "firstname", "lastname", "telephone1", "jobtitle"],
+     ["billing_street", "modifiedon"]),
+    # every column but the key, modified_at and what the law requires to keep
+    ("{columns: all, retain: [billing_street]}", ["emailaddress1", "firstname", "lastname", "telephone1", "jobtitle"],
+     ["billing_street", "modifiedon"]),
+])
+def test_writes_erase_blanks_named_or_all_columns_but_the_retained(tmp_path, crm_erase, blanked, kept):
+    path = make(tmp_path, crm_erase=crm_erase)
+    cfg = load_config(path)
+    night(cfg, 1)
+    assert erase(path, ERASED_EMAIL) == 0
+    night(cfg, 2)
+    assert wh(cfg, "SELECT status FROM audit.changes WHERE operation = 'erase' AND target = 'crm'") == [("applied",)]
+    spec = json.loads(wh(cfg, "SELECT after_raw FROM audit.changes WHERE operation = 'erase' AND target = 'crm'")[0][0])
+    assert spec == {"mode": "anonymize", "columns": sorted(blanked)}  # `all` resolved: exactly what was blanked
+    row = dict(zip(blanked + kept, system(tmp_path, "crm", f"SELECT {', '.join(blanked + kept)} FROM contact "
+                                                           f"WHERE contactid = 'C'")[0]))
+    assert all(row[c] is None for c in blanked), row
+    assert row["billing_street"] == "9 Elm Rd" and row["modifiedon"] is not None
+    assert system(tmp_path, "crm", "SELECT jobtitle FROM contact WHERE contactid = 'A'") == [("Buyer",)]
+
+
+def test_erase_columns_and_retain_apply_to_anonymize_only():
+    from pydantic import ValidationError
+
+    from reconcile.config.models import WriteSettings
+
+    assert WriteSettings(erase="delete").erase_settings.mode == "delete"
+    assert WriteSettings(erase={"columns": "all", "retain": ["billing_street"]}).erase_settings.columns == "all"
+    with pytest.raises(ValidationError, match="apply to mode anonymize"):
+        WriteSettings(erase={"mode": "delete", "retain": ["billing_street"]})

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 RUNS_URL_ENV = "RECONCILE_RUNS_URL"
@@ -294,14 +294,36 @@ class WriteLimits(_Strict):
     characters: Literal["hold", "allow"] = "hold"
 
 
+class EraseSettings(_Strict):
+    """`systems.<s>.writes.erase` as a mapping: how an erasure request is carried out here. `anonymize` sets
+    every column mapped to a string field to NULL, plus `columns` (named ones, or `all`: every column the
+    system reports but the key and modified_at), never the `retain` ones (a legal duty to keep, e.g. billing)."""
+
+    mode: Literal["anonymize", "delete"] = "anonymize"
+    columns: list[str] | Literal["all"] = Field(default_factory=list)
+    retain: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _anonymize_only(self) -> EraseSettings:
+        if self.mode == "delete" and (self.columns or self.retain):
+            raise ValueError("columns and retain apply to mode anonymize; delete removes the whole record")
+        return self
+
+
 class WriteSettings(_Strict):
     """`systems.<s>.writes`: what reconcile may do to this system when it is a target."""
 
     create: bool = False                      # create records for eligible golden records it lacks
     archive: ArchiveSettings | None = None    # archive records whose identity is gone from every identity source
-    erase: Literal["anonymize", "delete"] = "anonymize"  # how an erasure request is carried out here
+    # How an erasure request is carried out here: `anonymize` (default) or `delete`, or an EraseSettings mapping.
+    erase: Literal["anonymize", "delete"] | EraseSettings = "anonymize"
     blanks_overwrite: bool = False            # may an empty golden value blank out a value here?
     limits: WriteLimits = Field(default_factory=WriteLimits)  # lengths and characters a value may have
+
+    @property
+    def erase_settings(self) -> EraseSettings:
+        """`erase` as settings, whichever way it was written."""
+        return self.erase if isinstance(self.erase, EraseSettings) else EraseSettings(mode=self.erase)
 
 
 class ApiLimits(_Strict):

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from ..config.models import Config
 from ..connectors import Writer, WriteOp, connect
 from ..connectors.base import as_text
+from . import privacy
 
 STAGE = "load"
 LOADABLE = ("planned", "applying")
@@ -59,6 +60,7 @@ def load_target(con, cfg: Config, entity: str, target: str, run_id: str, url: st
     watched = [source.modified_at] if source.modified_at else [m.column for m in source.fields.values()]
     try:
         writer = connector.writer(source)
+        privacy.resolve_erase_columns(con, connector, source, entity, target, run_id)  # `writes.erase.columns: all`
         _resume(con, writer, entity, target, run_id)
         attempted = failed = 0
         stopped = None

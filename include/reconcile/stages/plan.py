@@ -20,6 +20,7 @@ from ..config.expressions import to_duckdb_sql
 from ..config.models import DEFAULT_CHANGE_THRESHOLDS, DEFAULT_MAX_TEXT_LENGTH, Config
 from ..transforms import quote_ident as q, sql_literal
 from ..warehouse import once, staging_table, table_exists
+from . import privacy
 from .golden import golden_table, lineage_table
 
 STAGE = "plan"
@@ -152,9 +153,7 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
                             AND system IN ({', '.join(sql_literal(c) for c in creators) or 'NULL'}))
               AND NOT EXISTS (SELECT 1 FROM audit.changes c WHERE c.entity = {e} AND c.target = {t}
                               AND c.record_key = x.record_key AND c.operation = 'archive' AND c.status = 'applied')""")
-    # Anonymise blanks the personal (text) fields; status and flag columns stay, so constraints hold.
-    erase_spec = json.dumps({"mode": sysconf.writes.erase, "columns": sorted(
-        {m.column for f, m in source.fields.items() if ent.fields[f].type == "string" and m.column != source.key})})
+    erase_spec = privacy.erase_spec(cfg, entity, target)  # what `writes.erase` blanks (or delete)
     inserts.append(f"""
         SELECT {change_id('x.record_key', "'*'", 'erase')}, {r}, {e}, {t}, x.record_key, x.xid, 'erase', '*', NULL,
                NULL, NULL, {sql_literal(erase_spec)}, 'planned', 'erasure request ' || er.request_id, NULL,

@@ -376,6 +376,43 @@ def _scrub_file(path: Path, pattern: re.Pattern) -> int:
     return 1
 
 
-def erase_spec_json(cfg: Config, entity: str, target: str) -> str:
-    """The `after_raw` of an `erase` change into `target` (see `writes.erase`, docs/configuration.md)."""
-    raise NotImplementedError
+# ----------------------------------------------------------------------------------------------------------
+# What an erasure blanks in a system (`systems.<s>.writes.erase`)
+# ----------------------------------------------------------------------------------------------------------
+
+def erase_spec(cfg: Config, entity: str, target: str) -> str:
+    """The `after_raw` of an `erase` change into `target`: JSON `{"mode", "columns"}`; for anonymize, the
+    columns mapped to string fields plus the configured `columns`, without the key and `retain`. With
+    `columns: all` it also carries `"all": true` and `"retain"`, resolved against the system's real columns
+    when the load starts (`resolve_erase_columns`)."""
+    source = cfg.entities[entity].sources[target]
+    ent = cfg.entities[entity]
+    settings = cfg.systems[target].writes.erase_settings
+    if settings.mode == "delete":
+        return json.dumps({"mode": "delete", "columns": []})
+    named = [] if settings.columns == "all" else settings.columns
+    columns = {m.column for f, m in source.fields.items() if ent.fields[f].type == "string"} | set(named)
+    spec = {"mode": "anonymize", "columns": sorted(columns - {source.key} - set(settings.retain))}
+    if settings.columns == "all":
+        spec.update({"all": True, "retain": sorted(settings.retain)})
+    return json.dumps(spec)
+
+
+def resolve_erase_columns(con, connector, source, entity: str, target: str, run_id: str) -> int:
+    """Before a load: the run's `erase` changes into `target` configured with `columns: all` get the
+    system's real columns (every one but the key, `modified_at` and `retain`), so the load, a resume and
+    audit.changes all name exactly what was blanked. Returns the changes resolved."""
+    rows = con.execute("""SELECT DISTINCT after_raw FROM audit.changes WHERE run_id = ? AND entity = ? AND target = ?
+                          AND operation = 'erase' AND status IN ('planned', 'applying')
+                          AND TRY_CAST(after_raw->>'all' AS BOOLEAN)""", [run_id, entity, target]).fetchall()
+    if not rows:
+        return 0
+    real = set(connector.columns(source)) - {source.key, source.modified_at}
+    n = 0
+    for (raw,) in rows:  # one spec per target and run: a loop over configurations, not records
+        spec = json.loads(raw)
+        resolved = {"mode": spec["mode"], "columns": sorted((set(spec["columns"]) | real) - set(spec["retain"]))}
+        n += con.execute("""UPDATE audit.changes SET after_raw = ? WHERE run_id = ? AND entity = ? AND target = ?
+                            AND operation = 'erase' AND after_raw = ?""",
+                         [json.dumps(resolved), run_id, entity, target, raw]).fetchone()[0]
+    return n
