@@ -280,12 +280,19 @@ def _purge(con, cfg: Config, entity: str) -> tuple[dict, list[str]]:
             """UPDATE identity.xref x SET evidence = NULL
                WHERE x.entity = ? AND x.evidence->>'_with' IN (SELECT system || ':' || record_key FROM _erased)""",
             [entity]).fetchone()[0]
+        # Review items naming an erased person anywhere in their details (an xid, a record key, system:key):
+        # every string of the details is listed once (json_tree) and joined to the erased keys.
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE _erased_items AS
+            SELECT DISTINCT i.item_id FROM review.items i, json_tree(i.details) t
+            WHERE i.entity = ? AND i.kind <> '{REVIEW_KIND}' AND t.type = 'VARCHAR'
+              AND CAST(i.details AS VARCHAR) <> '{{"erased":true}}'
+              AND (t.atom->>'$' IN (SELECT xid FROM _erased)
+                   OR t.atom->>'$' IN (SELECT system || ':' || record_key FROM _erased)
+                   OR (t.key = 'record_key' AND t.atom->>'$' IN (SELECT record_key FROM _erased)))""", [entity])
         touched["review.items"] = con.execute(
-            f"""UPDATE review.items i SET details = '{{"erased": true}}', title = 'erased: ' || i.kind
-               WHERE i.entity = ? AND i.kind <> '{REVIEW_KIND}'
-                 AND EXISTS (SELECT 1 FROM _erased e WHERE contains(CAST(i.details AS VARCHAR), e.xid)
-                                              OR contains(CAST(i.details AS VARCHAR), '"' || e.record_key || '"'))
-                 AND CAST(i.details AS VARCHAR) <> '{{"erased":true}}'""", [entity]).fetchone()[0]
+            """UPDATE review.items SET details = '{"erased": true}', title = 'erased: ' || kind
+               WHERE item_id IN (SELECT item_id FROM _erased_items)""").fetchone()[0]
         touched["audit.quality_results"] = _purge_samples(con, entity)
     return {k: v for k, v in touched.items() if v}, values
 
