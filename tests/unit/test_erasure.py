@@ -237,3 +237,28 @@ def test_erase_columns_and_retain_apply_to_anonymize_only():
     assert WriteSettings(erase={"columns": "all", "retain": ["billing_street"]}).erase_settings.columns == "all"
     with pytest.raises(ValidationError, match="apply to mode anonymize"):
         WriteSettings(erase={"mode": "delete", "retain": ["billing_street"]})
+
+
+def test_review_items_naming_an_erased_person_are_blanked_others_and_erasure_items_kept(project):
+    from reconcile.stages.privacy import purge_erased
+    from reconcile.warehouse import open_work
+
+    cfg = load_config(project / "reconcile.yaml")
+    items = [("i1", "candidate", {"system": "crm", "record_key": "c9", "candidates": [{"xid": "X1"}]}),
+             ("i2", "duplicate", {"records": [{"system": "crm", "record_key": "c1"}], "values": {"email": "a@b.c"}}),
+             ("i3", "conflict", {"system": "crm", "record_key": "c2", "xid": "X2"}),
+             ("i4", "erased_identifier", {"system": "crm", "record_key": "c1", "erased_xid": "X1"})]
+    with open_work(cfg) as con:
+        con.execute("INSERT INTO identity.erasures (entity, xid, request_id, requested_at, requested_by, reason, "
+                    "matched_by, status) VALUES ('contact', 'X1', 'e1', now(), 'dpo', 'r', 'email', 'requested')")
+        con.execute("INSERT INTO identity.erased_records (entity, system, record_key, xid, request_id) "
+                    "VALUES ('contact', 'crm', 'c1', 'X1', 'e1')")
+        for item_id, kind, details in items:
+            con.execute("INSERT INTO review.items (item_id, entity, kind, system, status, title, details, first_seen_run, "
+                        "last_seen_run, created_at, updated_at) VALUES (?, 'contact', ?, 'crm', 'open', 't', ?, 'r', 'r', "
+                        "now(), now())", [item_id, kind, json.dumps(details)])
+        assert purge_erased(con, cfg, "contact")["review.items"] == 2
+        rows = dict(con.execute("SELECT item_id, CAST(details AS VARCHAR) FROM review.items").fetchall())
+        assert purge_erased(con, cfg, "contact").get("review.items") is None  # nothing left to blank
+    assert json.loads(rows["i1"]) == {"erased": True} and json.loads(rows["i2"]) == {"erased": True}
+    assert json.loads(rows["i3"])["xid"] == "X2" and json.loads(rows["i4"])["erased_xid"] == "X1"
