@@ -1,8 +1,10 @@
 """Alerts of the reconcile DAGs: an Airflow notifier for what a person must look at.
 
 `ReconcileAlert` is called by `reconcile_dags.py` when a table fails an error-level quality gate, when a load
-waits for approval, and when a run ends `failed`, `blocked` or `awaiting_approval`. Every alert goes to the
-task log and is appended as one JSON line to a file; Slack and email are optional, through Airflow connections:
+waits for approval, and when a run ends `failed`, `incomplete`, `blocked` or `awaiting_approval` with a status
+or causes the previous run did not have (the library decides: the summary's `alert`, reconcile/report.py). Every
+alert goes to the task log and is appended as one JSON line to a file; Slack and email are optional, through
+Airflow connections:
 
 * `RECONCILE_ALERT_FILE`: the JSON-lines file (default `$AIRFLOW_HOME/reconcile-alerts.jsonl`);
 * `RECONCILE_ALERT_SLACK_CONN_ID`: a Slack incoming-webhook connection (needs apache-airflow-providers-slack);

@@ -12,11 +12,17 @@ it records the run in `audit.runs` and publishes the warehouse file analysts rea
 **Quality gates.** A staging table that fails an error-level gate fails its `validate` task, with the failed
 expectations in the message, and raises an alert. The run goes on: `apply_gates` records every outcome and
 blocks the writes that depend on the bad table, so `load` skips those targets (the library plans their changes
-`blocked`) while the rest loads. `finish_run` tells a gate failure (the table's error gates in the recorded
-results) from a crash: a gate failure ends the run `blocked` and the **DAG run succeeds**, because holding bad
-data back is reconcile working as designed (exit 3 on the CLI, not 1), and the red `validate` task plus the
-alert already make it visible; failing the DAG run would page on-call for data they cannot fix and invite a
-blind "clear and retry". A crash in any task still fails the DAG run.
+`blocked`) while the rest loads.
+
+**Run state in Airflow.** `finish_run` records the run (status rules: `reconcile.report`), then shows its status
+as its own task state, so the DAG run list tells the truth: `success` and `dry_run` succeed; `failed`,
+`incomplete`, `blocked` and `awaiting_approval` fail `finish_run` and with it the DAG run, the message starting
+`reconcile run <id> of <entity> ended <status> (recorded; not a crash)` with the reasons (a crash says
+`failed`). Clearing and retrying it records the same status again. A load that wrote some changes but not all
+(changes failed at the target, or stopped by `load.max_failure_rate`) fails its `load` task after recording its
+outcome, and the run ends `incomplete`. A failed gate or an incomplete load is a recorded outcome, not a crash:
+`finish_run` tells them apart from tasks that crashed. Holds standing from earlier runs (open review items
+holding the same changes every night) are reported, not `blocked`: a night with nothing new is green.
 
 **Approval.** A load over a change threshold needs a person. `check_approval` branches to `approve_load` (an
 `ApprovalOperator`: Approve / Reject, default Reject, response timeout `$RECONCILE_APPROVAL_TIMEOUT_HOURS`,
@@ -25,9 +31,10 @@ records the approval in `audit.approvals` and `load_approved` loads those target
 time, records a rejection and writes nothing. Targets that need no approval load meanwhile (`load`).
 
 **Alerts** (`reconcile_alerts.ReconcileAlert`): error gates failed, an approval requested, and a run ending
-`failed`, `blocked` or `awaiting_approval` go to the task log and `$RECONCILE_ALERT_FILE` (JSON lines, default
-`$AIRFLOW_HOME/reconcile-alerts.jsonl`); Slack / email through the Airflow connections named by
-`$RECONCILE_ALERT_SLACK_CONN_ID` / `$RECONCILE_ALERT_EMAIL_CONN_ID` when their providers are installed.
+`failed`, `incomplete`, `blocked` or `awaiting_approval` **when its status or causes differ from the previous
+run's** (the same standing problem alerts once, not every night) go to the task log and `$RECONCILE_ALERT_FILE`
+(JSON lines, default `$AIRFLOW_HOME/reconcile-alerts.jsonl`); Slack / email through the Airflow connections named
+by `$RECONCILE_ALERT_SLACK_CONN_ID` / `$RECONCILE_ALERT_EMAIL_CONN_ID` when their providers are installed.
 
 **Params.** `full`: a full snapshot of every source instead of an incremental read. `dry_run`: plan
 everything, write nothing (the run ends `dry_run`; off = follow the config's `load.mode`). `approve`: pre-approve
@@ -36,6 +43,7 @@ this run's loads over a threshold (like `reconcile run --approve`), so nothing w
 * Config: `$RECONCILE_CONFIG`, default `config/reconcile.yaml` under the repository root.
 * Every task is one call into the `reconcile` library and is safe to retry: each step is idempotent for
   the Airflow run id, which is also the run id in `audit.runs`.
+* `begin_run` first finishes runs of the entity a killed process left behind (`runner.recover_runs`).
 * `purge_erased` and `finish_run` always run: an erased person's values are removed even from a failed run,
   and `finish_run` records a failed run (and fails the DAG run) when an earlier task crashed.
 
@@ -53,6 +61,7 @@ from airflow.sdk import Asset, Param, TriggerRule, dag, get_current_context, tas
 
 from reconcile.config import Config, load_config
 from reconcile.lineage import Dataset, task_lineage
+from reconcile.pipeline import task_ids
 
 # Beside this file (Airflow puts the DAG bundle's folder on sys.path); listed in .airflowignore.
 from reconcile_alerts import ReconcileAlert
@@ -119,6 +128,55 @@ def _connection_urls(cfg: Config, system: str) -> dict[str, str] | None:
     return {system: Connection.get(conn_id).get_uri()}
 
 
+def _all_connection_urls(cfg: Config, systems: list[str]) -> dict[str, str]:
+    """The URLs of every system configured as an Airflow connection (begin_run may finish an abandoned run)."""
+    return {k: v for s in systems for k, v in (_connection_urls(cfg, s) or {}).items()}
+
+
+def _failed_tasks(ctx, systems: list[str], extract_queues: dict) -> list[tuple[str, str | None, str]]:
+    """This run's tasks that did not succeed, as (task, system or None, state) for `runner.finish_run`, which
+    tells a recorded outcome (a failed gate, an incomplete load) from a crash. Mapped instances name their
+    system: validate and load map over `systems`, load_approved over approve_load's answer."""
+    ti = ctx["ti"]
+    approved = None
+    out = []
+    for key, state in sorted(_task_states(ctx).items()):
+        if key == ti.task_id or state in ("success", "skipped"):
+            continue
+        base, _, index = key.rpartition("_")
+        task, subject = (base, int(index)) if index.isdigit() and base else (key, None)
+        over = None
+        if task in ("validate", "load"):
+            over = systems
+        elif task == "load_approved":
+            approved = approved if approved is not None else list(ti.xcom_pull(task_ids="approve_load") or [])
+            over = approved
+        elif task.startswith("extract"):
+            queue = task.removeprefix("extract_on_") if task != "extract" else None
+            over = extract_queues.get(queue, [])
+        name = over[subject] if over is not None and subject is not None and subject < len(over) else None
+        out.append((task, name, state))
+    return out
+
+
+def _end_run(ctx, summary: dict) -> dict:
+    """After the run is recorded: its alert (only on a change of state, decided by the library), then a final
+    task state that shows the status in the DAG run list: failed, incomplete, awaiting_approval and blocked
+    fail this task (and so the DAG run); success and dry_run succeed."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    status = summary["status"]
+    if summary.get("alert"):
+        a = summary["alert"]
+        ReconcileAlert(a["event"], a["message"], a["details"])(ctx)
+    if status in ("success", "dry_run"):
+        return summary
+    ctx["ti"].xcom_push(key="summary", value=summary)
+    why = "; ".join(summary.get("reasons") or []) or "see its summary"
+    kind = "failed" if status == "failed" else f"ended {status} (recorded; not a crash)"
+    raise AirflowFailException(f"reconcile run {ctx['run_id']} of {summary['entity']} {kind}: {why}")
+
+
 def _task_states(ctx) -> dict[str, str]:
     """This run's task states by task id (mapped instances as `<task>_<map_index>`), from the Task SDK."""
     ti, run_id = ctx["ti"], ctx["run_id"]
@@ -132,13 +190,11 @@ def _of_task(states: dict[str, str], task_id: str) -> dict[str, str]:
 
 
 def build_dag(cfg: Config, entity: str):
-    """The DAG `reconcile_<entity>`, the same stages in the same order as `runner.run_entity` (the CLI).
-
-    begin_run -> extract[system] (extract_on_<queue>[system] for systems with a queue) -> load_staging -> validate[system] -> apply_gates -> resolve_identity
-    -> build_golden -> guard_collisions -> plan_changes -> check_approval -> load[target] -> purge_erased
-    -> finish_run, and, only when a load waits for approval, check_approval -> approve_load ->
-    load_approved[target] -> purge_erased.
-    [system] and [target] are one mapped task instance per system, named after it in the UI. Every body is one
+    """The DAG `reconcile_<entity>`: the tasks of `reconcile.pipeline.STAGES` in their order (as
+    `runner.run_entity` runs them for the CLI), with the approval branch before the per-target load:
+    check_approval -> load[target] -> purge_erased, and, only when a load waits for approval, check_approval ->
+    approve_load -> load_approved[target] -> purge_erased. [system] and [target] are one mapped task instance per
+    system, named after it in the UI (extract_on_<queue>[system] for systems with a queue). Every body is one
     library call with plain values read from the task context.
     """
     systems = sorted(cfg.entities[entity].sources)
@@ -178,7 +234,8 @@ def build_dag(cfg: Config, entity: str):
 
             ctx = get_current_context()
             manifest = runner.begin_run(cfg, entity, ctx["run_id"], ctx["dag_run"].run_after,
-                                        full=True if ctx["params"]["full"] else None)
+                                        full=True if ctx["params"]["full"] else None,
+                                        url_overrides=_all_connection_urls(cfg, systems), progress=log.info)
             return {system: plan["mode"] for system, plan in manifest["systems"].items()}
 
         @task(**per_system, **EXTRACT_RETRIES, **lineage["extract"])
@@ -269,7 +326,7 @@ def build_dag(cfg: Config, entity: str):
             return follow
 
         def load_target(target: str) -> dict:
-            from airflow.sdk.exceptions import AirflowSkipException
+            from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
             from reconcile import runner
 
             run_id = get_current_context()["run_id"]
@@ -277,8 +334,13 @@ def build_dag(cfg: Config, entity: str):
             if state != "ok":  # awaiting_approval, rejected, dry_run, nothing: shown as skipped, never written
                 hint = ("; approve_load asks for approval" if state == "awaiting_approval" else "")
                 raise AirflowSkipException(f"not loading {target}: {state}{hint}")
-            return runner.load_changes(cfg, entity, run_id, target, url_overrides=_connection_urls(cfg, target),
-                                       progress=log.info)
+            result = runner.load_changes(cfg, entity, run_id, target, url_overrides=_connection_urls(cfg, target),
+                                         progress=log.info)
+            if result["failed"] or result["status"] == "stopped":  # recorded: fail visibly, no retry
+                raise AirflowFailException(
+                    f"load into {target} incomplete: {result['failed']} change(s) failed"
+                    f"{'; ' + result['reason'] if result.get('reason') else ''} (recorded; the run ends incomplete)")
+            return result
 
         @task(**per_target, **lineage["load"])
         def load(target: str) -> dict:
@@ -311,50 +373,35 @@ def build_dag(cfg: Config, entity: str):
 
         @task(trigger_rule=TriggerRule.ALL_DONE, **warehouse)  # always runs: a failed run is recorded, then fails visibly
         def finish_run() -> dict:
-            from airflow.sdk.exceptions import AirflowFailException
             from reconcile import runner
 
             ctx = get_current_context()
-            ti, run_id = ctx["ti"], ctx["run_id"]
-            states = _task_states(ctx)
-            # A validate task that failed on its error gates (recorded by apply_gates) is a blocked write, not
-            # a crash; any other failure is.
-            gates = ti.xcom_pull(task_ids="apply_gates") or {}
-            gated = {f["system"] for f in gates.get("failures", []) if f.get("severity") == "error"}
-            gate_failures = {f"validate_{i}" for i, s in enumerate(systems) if s in gated}
-            bad = {t: s for t, s in states.items()
-                   if t != ti.task_id and s not in ("success", "skipped") and t not in gate_failures}
-            failed = sorted(t for t, s in bad.items() if s == "failed") or sorted(bad)  # the cause, not the fallout
-            error = f"task(s) failed: {', '.join(failed)}" if bad else None
-            summary = runner.finish_run(cfg, entity, run_id, status="failed" if bad else "success",
-                                        error=error, progress=log.info)
-            status = summary["status"]
-            if status in ("failed", "blocked", "awaiting_approval"):
-                gate_errors = [f"{f['system']}: {f['expectation']}"
-                               for f in summary.get("gates", {}).get("failures", []) if f.get("severity") == "error"]
-                held = {t: c["held"] for t, c in sorted(summary.get("changes", {}).items()) if c.get("held")}
-                detail = (summary.get("error") or (gate_errors and "error gates failed: " + ", ".join(gate_errors))
-                          or (held and "changes held back: " + ", ".join(f"{t} {n}" for t, n in held.items()))
-                          or "see the run's changes and gates")
-                ReconcileAlert(f"run_{status}", f"run of {entity} ended {status}: {detail}",
-                               {"entity": entity, "status": status, "changes": summary.get("changes"),
-                                "gates_held": summary.get("gates", {}).get("held")})(ctx)
-            if status == "failed":
-                ti.xcom_push(key="summary", value=summary)
-                raise AirflowFailException(f"reconcile run {run_id} of {entity} failed: {summary.get('error')}")
-            if status != "success":  # blocked, awaiting_approval, dry_run: by design, not failures
-                log.warning("run %s of %s ended %s: see its summary (changes, gates)", run_id, entity, status)
-            return summary
+            summary = runner.finish_run(cfg, entity, ctx["run_id"], progress=log.info,
+                                        failed_tasks=_failed_tasks(ctx, systems, extract_queues))
+            return _end_run(ctx, summary)
 
         # One mapped `extract` per queue: `extract` on the default queue, `extract_on_<queue>` for systems with one.
         extracts = [extract.override(task_id=f"extract_on_{queue}", queue=queue).expand(system=on) if queue
                     else extract.expand(system=on)
                     for queue, on in sorted(extract_queues.items(), key=lambda kv: kv[0] or "")]
-        planned = (begin_run() >> extracts >> load_staging() >> validate.expand(system=systems)
-                   >> apply_gates() >> resolve_identity() >> build_golden() >> guard_collisions() >> plan_changes())
-        branch, purge, done = check_approval(), purge_erased(), finish_run()
-        planned >> branch >> load.expand(target=systems) >> purge >> done
-        branch >> approve_load >> load_approved.expand(target=approve_load.output) >> purge
+        # The stages in pipeline.STAGES order; the approval branch sits between planning and the per-target load.
+        tasks = {"begin_run": begin_run(), "extract": extracts, "load_staging": load_staging(),
+                 "validate": validate.expand(system=systems), "apply_gates": apply_gates(),
+                 "resolve_identity": resolve_identity(), "build_golden": build_golden(),
+                 "guard_collisions": guard_collisions(), "plan_changes": plan_changes(),
+                 "load": load.expand(target=systems), "purge_erased": purge_erased(), "finish_run": finish_run()}
+        order = task_ids()
+        if set(order) != set(tasks):
+            raise RuntimeError(f"reconcile_{entity}: the DAG's tasks {sorted(tasks)} do not match "
+                               f"reconcile.pipeline.STAGES {order}")
+        branch = check_approval()
+        for upstream, downstream in zip(order, order[1:]):
+            if downstream == "load":
+                tasks[upstream] >> branch >> tasks["load"]
+            else:
+                tasks[upstream] >> tasks[downstream]
+        after_load = tasks[order[order.index("load") + 1]]
+        branch >> approve_load >> load_approved.expand(target=approve_load.output) >> after_load
 
     return reconcile_entity()
 

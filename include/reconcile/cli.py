@@ -1,6 +1,8 @@
 """The `reconcile` command: thin over the runner and stages. Progress goes to stderr, results to stdout.
 
-Exit codes: 0 done, 1 error, 2 bad usage or config, 3 blocked (writes held back; nothing unsafe written).
+Exit codes (the CLI's alone; a run's status comes from reconcile.report): 0 success or dry run, 1 error (a
+failed run), 2 bad usage or config, 3 blocked or awaiting approval (writes held back; nothing unsafe written),
+4 incomplete (changes failed at a target or were left unattempted).
 """
 from __future__ import annotations
 
@@ -10,11 +12,20 @@ import os
 import sys
 from datetime import datetime, timezone
 
-from . import __version__, runner
+from . import __version__, report, runner
 from .config import json_schema, load_config
 from .errors import ConfigError, ReconcileError
 
 DEFAULT_CONFIG_ENV = "RECONCILE_CONFIG"
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BLOCKED, EXIT_INCOMPLETE = 0, 1, 2, 3, 4
+EXIT_OF_STATUS = {"success": EXIT_OK, "dry_run": EXIT_OK, "blocked": EXIT_BLOCKED,
+                  "awaiting_approval": EXIT_BLOCKED, "incomplete": EXIT_INCOMPLETE, "failed": EXIT_ERROR}
+
+
+def exit_code(status: str) -> int:
+    """A run's status as the process exit code (an unknown status is an error)."""
+    return EXIT_OF_STATUS.get(status, EXIT_ERROR)
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -190,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return runner.EXIT_USAGE
+        return EXIT_USAGE
     except ReconcileError as e:
         print(f"error: {e}", file=sys.stderr)
-        return runner.EXIT_ERROR
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: unexpected {type(e).__name__}: {e}\n(set RECONCILE_DEBUG=1 for the traceback; "
               f"please report it)", file=sys.stderr)
-        return runner.EXIT_ERROR
+        return EXIT_ERROR
 
 
 def _dispatch(args) -> int:
@@ -248,7 +259,7 @@ def _demo_init(args) -> int:
         result = init_demo(args.directory, people=args.people, seed=args.seed, force=args.force, api_port=port)
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return runner.EXIT_USAGE
+        return EXIT_USAGE
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return 0
@@ -274,7 +285,7 @@ def _check_config(args) -> int:
             raise
         print(json.dumps({"config": str(path), "ok": False, "problems": [
             {"path": p.path, "line": p.line, "message": p.message} for p in e.problems]}, indent=2))
-        return runner.EXIT_USAGE
+        return EXIT_USAGE
     problems = _connect_checks(cfg) if args.connect else []
     n_sources = sum(len(e.sources) for e in cfg.entities.values())
     if args.json:
@@ -282,12 +293,12 @@ def _check_config(args) -> int:
                           "problems": [{"path": None, "line": None, "message": p} for p in problems],
                           "systems": len(cfg.systems), "entities": len(cfg.entities), "sources": n_sources,
                           "connected": bool(args.connect)}, indent=2))
-        return runner.EXIT_USAGE if problems else 0
+        return EXIT_USAGE if problems else 0
     if problems:
         print(f"error: {path}: {len(problems)} problem(s) against the live systems:", file=sys.stderr)
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
-        return runner.EXIT_USAGE
+        return EXIT_USAGE
     print(f"{path}: ok ({len(cfg.systems)} systems, {len(cfg.entities)} entities, {n_sources} sources"
           f"{', all reachable' if args.connect else ''})")
     from .stages.identity_model import describe
@@ -332,7 +343,7 @@ def _run(args) -> int:
     unknown = [e for e in entities if e not in cfg.entities]
     if unknown:
         print(f"error: unknown entity {unknown[0]!r}; configured: {', '.join(sorted(cfg.entities))}", file=sys.stderr)
-        return runner.EXIT_USAGE
+        return EXIT_USAGE
     progress = runner.stderr_progress
     run_at = datetime.now(timezone.utc)
     run_id = args.run_id or runner.new_run_id(run_at)
@@ -353,20 +364,13 @@ def _run(args) -> int:
             summaries[e] = {"run_id": run_id, "status": "failed", "entity": e, "error": str(err)}
             failed = True
     out = summaries[entities[0]] if len(entities) == 1 else {
-        "run_id": run_id, "status": "failed" if failed else _worst(summaries), "entities": summaries}
+        "run_id": run_id, "status": report.worst(s["status"] for s in summaries.values()), "entities": summaries}
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     else:
         for s in summaries.values():
             _print_summary(s)
-    if failed:
-        return runner.EXIT_ERROR
-    return runner.EXIT_BLOCKED if out["status"] in ("blocked", "awaiting_approval") else runner.EXIT_OK
-
-
-def _worst(summaries: dict) -> str:
-    order = ["failed", "awaiting_approval", "blocked", "dry_run", "success"]
-    return min((s["status"] for s in summaries.values()), key=lambda s: order.index(s) if s in order else 0)
+    return EXIT_ERROR if failed else exit_code(out["status"])
 
 
 def _print_summary(s: dict) -> None:
@@ -385,7 +389,14 @@ def _print_summary(s: dict) -> None:
         print(f"  golden: {s['golden'].get('records')} records, {s['golden'].get('changed')} changed")
     for target, c in sorted(s.get("changes", {}).items()):
         print(f"  changes {target:<10} planned {c['planned']}, applied {c['applied']}, failed {c['failed']}, "
-              f"held {c['held']}, conflicts {c['skipped_conflict']}")
+              f"held {c['held']}, conflicts {c['skipped_conflict']}"
+              f"{', not attempted ' + str(c['unattempted']) if c.get('unattempted') else ''}")
+    for r in s.get("recovered", []):
+        print(f"  recovered run {r['run_id']} (abandoned by its process): {r['status']}")
+    for reason in s.get("reasons", []):
+        print(f"  why: {reason}")
+    for note in s.get("notes", []):
+        print(f"  note: {note}")
     if "warehouse" in s:
         print(f"  warehouse: {s['warehouse']}")
 
@@ -407,7 +418,9 @@ def _status(args) -> int:
         s = r["summary"] or {}
         counts = ", ".join(f"{k} {v}/{s.get('quarantined', {}).get(k, 0)}" for k, v in sorted(s.get("extracted", {}).items()))
         fin = r["finished_at"].strftime("%Y-%m-%d %H:%M:%S") if r["finished_at"] else "-"
-        print(f"{r['run_id']:<{w}} {r['entity']:<10} {r['status']:<17} {fin:<20} {counts}")
+        note = (f"  (recovered by {s['recovered_by']})" if s.get("recovered_by")
+                else f"  (owned by {r['owner']})" if r.get("owner") else "")
+        print(f"{r['run_id']:<{w}} {r['entity']:<10} {r['status']:<17} {fin:<20} {counts}{note}")
     return 0
 
 
@@ -565,8 +578,7 @@ def _after_run(args) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         _print_summary(summary)
-    return runner.EXIT_BLOCKED if summary["status"] in ("blocked", "awaiting_approval") else (
-        runner.EXIT_ERROR if summary["status"] == "failed" else runner.EXIT_OK)
+    return exit_code(summary["status"])
 
 
 def _gates(args) -> int:
@@ -645,7 +657,7 @@ def _write(path: str, text: str) -> None:
 
 def _usage(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
-    return runner.EXIT_USAGE
+    return EXIT_USAGE
 
 
 def _person_query(args, cfg) -> tuple[dict, list[str]] | int:
@@ -692,7 +704,7 @@ def _lineage(args) -> int:
         hint = (f"; {len(unlinked)} record(s) carry it but are linked to no xid yet (has identity resolution run?)"
                 if unlinked else "")
         print(f"error: no person found with {asked} in {cfg.warehouse_path}{hint}", file=sys.stderr)
-        return runner.EXIT_ERROR
+        return EXIT_ERROR
     if args.json:
         print(json.dumps({"query": {k: (':'.join(v) if k == "record" else v) for k, v in query.items()},
                           "persons": persons, "unlinked": unlinked}, indent=2, default=str))
@@ -766,7 +778,7 @@ def _erase(args) -> int:
         return _usage(str(e))
     except ReconcileError as e:
         print(f"error: {e}", file=sys.stderr)
-        return runner.EXIT_ERROR
+        return EXIT_ERROR
     entity, xid = result["entity"], result["xid"]
     if args.json:
         print(json.dumps(result, indent=2, default=str))

@@ -15,6 +15,7 @@ from typing import Any
 
 from .config import Config
 from .errors import ReconcileError
+from .pipeline import recorded_order
 
 # The statuses a change can end in that mean "held back" (summed as `held` in run summaries).
 HELD_STATUSES = ("held", "blocked", "rejected")
@@ -55,10 +56,11 @@ def _has_column(con, schema: str, table: str, column: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 
 def list_runs(cfg: Config, limit: int = 10, entity: str | None = None) -> list[dict]:
-    """The newest runs first: run_id, entity, status, run_at, started_at, finished_at, error, summary."""
+    """The newest runs first: run_id, entity, status, run_at, started_at, finished_at, error, summary, owner
+    (host:pid of the process working on a running run)."""
     if not has_warehouse(cfg):
         return []
-    sql = "SELECT run_id, entity, status, run_at, started_at, finished_at, error, summary FROM audit.runs"
+    sql = "SELECT run_id, entity, status, run_at, started_at, finished_at, error, summary, owner FROM audit.runs"
     params: list = []
     if entity:
         sql += " WHERE entity = ?"
@@ -77,29 +79,12 @@ def latest_run_id(cfg: Config, entity: str | None = None) -> str | None:
 
 
 def _why(run: dict) -> list[str]:
-    """Plain sentences saying why a run ended as it did (from its summary)."""
+    """Plain sentences saying why a run ended as it did: the reasons and notes its summary recorded
+    (reconcile.report), or its error while it has none (running, or recorded by an older version)."""
     s = run.get("summary") or {}
-    why: list[str] = []
-    if run.get("error"):
-        why.append(run["error"])
-    for f in (s.get("gates") or {}).get("failures", []):
-        if f.get("severity") == "error":
-            why.append(f"error gate {f['expectation']} failed on {f['table']} (observed {f.get('observed')}): "
-                       f"writes depending on {f['system']} blocked")
-    for target, n in sorted(((s.get("gates") or {}).get("held") or {}).items()):
-        if n:
-            why.append(f"{n} identities held back from {target} by the collision guard (see the review queue)")
-    for target, c in sorted((s.get("changes") or {}).items()):
-        if c.get("held"):
-            why.append(f"{c['held']} changes into {target} held back (held, blocked or rejected)")
-    for target, a in sorted((run.get("approvals") or {}).items()):
-        if a.get("required") and a.get("decision") is None:
-            why.append(f"the load into {target} waits for approval: {'; '.join(a.get('reasons') or [])}")
-        elif a.get("decision") == "rejected":
-            why.append(f"the load into {target} was rejected by {a.get('decided_by')}")
-    if run.get("status") == "dry_run":
-        why.append("dry run: changes were planned, nothing was written (load.mode dry_run or --dry-run)")
-    return why
+    if "reasons" in s:
+        return [*s["reasons"], *s.get("notes", [])]
+    return [run["error"]] if run.get("error") else []
 
 
 def run_status(cfg: Config, run_id: str | None = None, entity: str | None = None) -> dict:
@@ -130,7 +115,7 @@ def run_status(cfg: Config, run_id: str | None = None, entity: str | None = None
                                        [run["run_id"], run["entity"]]))
     timings = (run["summary"] or {}).get("stages") or {}
     done = {s for (s,) in stages}
-    order = list(timings) + sorted(done - set(timings), key=lambda s: (_STAGE_ORDER.get(s, len(_STAGE_ORDER)), s))
+    order = list(timings) + sorted(done - set(timings), key=lambda s: (_STAGE_ORDER.get(s.split(':')[0], len(_STAGE_ORDER)), s))  # load:<target>
     run["stages"] = [{"stage": s, "seconds": timings.get(s), "done": s in done or s in timings} for s in order]
     run["approvals"] = {a.pop("target"): {**a, "reasons": _json(a["reasons"])} for a in approvals}
     run["why"] = _why(run)
@@ -139,8 +124,7 @@ def run_status(cfg: Config, run_id: str | None = None, entity: str | None = None
     return run
 
 
-_STAGE_ORDER = {s: i for i, s in enumerate(
-    ("extract", "gates", "identity", "golden", "guard", "plan", "load", "finish"))}
+_STAGE_ORDER = recorded_order()  # audit.stage_runs names in pipeline order
 
 
 # ---------------------------------------------------------------------------------------------------------

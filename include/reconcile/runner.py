@@ -1,26 +1,27 @@
-"""The runner: one run = the ordered stages for one entity, identified by a run id.
-
-begin_run -> extract_system (per system, in parallel) -> load_staging -> validate_system (per system, in
-parallel) -> apply_gates -> resolve_identity -> build_golden -> guard_collisions -> plan_changes ->
-load_changes (per target) -> purge_erased -> finish_run. Airflow tasks call these functions one by one;
-`run_entity` calls them in order for the CLI and tests. Each step is idempotent for a run id, so a retried task leaves the
-same state.
+"""The runner: one run = the stages for one entity, in the order `pipeline.STAGES` declares, identified by a
+run id. Airflow tasks call these functions one by one; `run_entity` calls them in order for the CLI and tests.
+Each step is idempotent for a run id, so a retried task leaves the same state. A run's status and summary are
+decided by `reconcile.report`.
 """
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import Config, resolve_url
+from . import report
 from .errors import ReconcileError
 from .html.datadocs import make_offline
 from .lazy import lazy_module
+from .pipeline import EXTRACT_ONLY_THROUGH, STAGES
 from .runstore import RunFolder, prune
 from .warehouse import open_work, publish, safe_name
 
@@ -35,7 +36,6 @@ quality_stage = lazy_module("reconcile.stages.quality")
 
 Progress = Callable[[str], None]
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BLOCKED = 0, 1, 2, 3
 KEEP_RUN_DIRS = 5
 
 
@@ -64,8 +64,72 @@ def _read_manifest(cfg: Config, entity: str, run_id: str) -> dict:
     return folder.read_json("manifest.json")
 
 
-def begin_run(cfg: Config, entity: str, run_id: str, run_at: datetime, full: bool | None = None) -> dict:
-    """Record the run and decide full/incremental extraction per source. Writes the run manifest."""
+def owner_id() -> str:
+    """This process, as recorded in audit.runs.owner while it works on a run: `host:pid`."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_alive(owner: str) -> bool:
+    """False only when the owner is a process of this host that no longer exists (another host's: unknown,
+    so taken as alive)."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _set_owner(con, entity: str, run_id: str, owner: str | None) -> str | None:
+    """Record who works on the run now; returns who did before (to restore it)."""
+    row = con.execute("SELECT owner FROM audit.runs WHERE run_id = ? AND entity = ?", [run_id, entity]).fetchone()
+    con.execute("UPDATE audit.runs SET owner = ? WHERE run_id = ? AND entity = ?", [owner, run_id, entity])
+    return row[0] if row else None
+
+
+def abandoned_runs(con, entity: str, run_id: str) -> list[str]:
+    """Earlier runs of the entity that nobody will finish: left `running` by a process of this host that is gone
+    (killed mid-run), or finished with changes still `applying` (a load interrupted mid-write). A run between
+    orchestrator tasks has no owner and is left alone; so is one whose process is alive or on another host."""
+    rows = con.execute("""
+        SELECT r.run_id, r.status, r.owner FROM audit.runs r
+        WHERE r.entity = ? AND r.run_id <> ?
+          AND ((r.status = 'running' AND r.owner IS NOT NULL)
+               OR (r.status <> 'running' AND EXISTS (SELECT 1 FROM audit.changes c WHERE c.run_id = r.run_id
+                                                     AND c.entity = r.entity AND c.status = 'applying')))
+        ORDER BY r.started_at, r.run_id""", [entity, run_id]).fetchall()
+    return [rid for rid, status, owner in rows if status != "running" or not _owner_alive(owner)]
+
+
+def recover_runs(cfg: Config, entity: str, run_id: str, url_overrides: Mapping[str, str] | None = None,
+                 progress: Progress = _quiet) -> list[dict]:
+    """Finish the entity's abandoned runs (`abandoned_runs`) as `reconcile load --run ID` would: changes left
+    `applying` are verified against the target (written: applied, with their link and ledger rows; not
+    written: planned again), the rest of their approved changes loaded, each exactly once; then each run is
+    finished again, marked `recovered_by` this run. Returns their summaries."""
+    with open_work(cfg) as con:
+        found = abandoned_runs(con, entity, run_id)
+    out = []
+    for old in found:
+        progress(f"  recovering run {old} of {entity}: abandoned by its process; verifying and finishing it")
+        summary = reload(cfg, entity, old, url_overrides=url_overrides, recovered_by=run_id, progress=progress)
+        progress(f"  recovered run {old}: {summary['status']}")
+        out.append(summary)
+    return out
+
+
+def begin_run(cfg: Config, entity: str, run_id: str, run_at: datetime, full: bool | None = None,
+              url_overrides: Mapping[str, str] | None = None, hold: bool = False,
+              progress: Progress = _quiet) -> dict:
+    """Record the run and decide full/incremental extraction per source. Writes the run manifest.
+
+    A new run first finishes the entity's abandoned runs (`recover_runs`). `hold=True`: this process owns the
+    run until `finish_run` (one process runs every stage, as `run_entity` does); an orchestrator whose tasks
+    run in separate processes leaves it unowned between tasks."""
     from .config.loader import ensure_expressions_checked
 
     ensure_expressions_checked(cfg)
@@ -73,20 +137,27 @@ def begin_run(cfg: Config, entity: str, run_id: str, run_at: datetime, full: boo
     run_at = utc_naive(run_at)
     folder = RunFolder(cfg, run_id, entity)
     with open_work(cfg) as con:
+        known = con.execute("SELECT 1 FROM audit.runs WHERE run_id = ? AND entity = ?", [run_id, entity]).fetchone()
+    recovered = [] if known else recover_runs(cfg, entity, run_id, url_overrides, progress)
+    with open_work(cfg) as con:
         status = con.execute("SELECT status FROM audit.runs WHERE run_id = ? AND entity = ?", [run_id, entity]).fetchone()
         if status and status[0] not in ("running", "failed"):
             raise ReconcileError(f"run {run_id!r} of {entity!r} already finished with status {status[0]!r}; use a new run id")
         if status and status[0] == "failed":  # resume a failed run: finished stages are skipped (idempotent)
             con.execute("UPDATE audit.runs SET status = 'running', error = NULL WHERE run_id = ? AND entity = ?",
                         [run_id, entity])
+        if status and hold:
+            _set_owner(con, entity, run_id, owner_id())
         if status and folder.exists("manifest.json"):  # a retried task: keep the first decision
             return folder.read_json("manifest.json")
         con.execute(
-            "INSERT OR IGNORE INTO audit.runs (run_id, entity, status, run_at, started_at) VALUES (?, ?, 'running', ?, ?)",
-            [run_id, entity, run_at, utc_naive(datetime.now(timezone.utc))],
+            "INSERT OR IGNORE INTO audit.runs (run_id, entity, status, run_at, started_at, owner) "
+            "VALUES (?, ?, 'running', ?, ?, ?)",
+            [run_id, entity, run_at, utc_naive(datetime.now(timezone.utc)), owner_id() if hold else None],
         )
         systems = extract_stage.plan_extract(con, cfg, entity, run_at, full=full)
-    manifest = {"run_id": run_id, "entity": entity, "run_at": run_at.isoformat(), "systems": systems}
+    manifest = {"run_id": run_id, "entity": entity, "run_at": run_at.isoformat(), "systems": systems,
+                "recovered": [{"run_id": r["run_id"], "status": r["status"]} for r in recovered]}
     folder.write_json("manifest.json", manifest)
     return manifest
 
@@ -258,12 +329,22 @@ def targets_to_load(cfg: Config, entity: str, run_id: str) -> dict[str, str]:
 
 def load_changes(cfg: Config, entity: str, run_id: str, target: str,
                  url_overrides: Mapping[str, str] | None = None, progress: Progress = _quiet) -> dict:
-    """Apply one target's approved changes in batches (resumable: call again after a crash)."""
+    """Apply one target's approved changes in batches (resumable: call again after a crash). The outcome is
+    recorded for the run's status (an incomplete load: `report`); meanwhile this process owns the run."""
     url = resolve_url(cfg, target, url_overrides)
     with open_work(cfg) as con:
-        result = load_stage.load_target(con, cfg, entity, target, run_id, url, progress)
+        before = _set_owner(con, entity, run_id, owner_id())
+        try:
+            result = load_stage.load_target(con, cfg, entity, target, run_id, url, progress)
+        except Exception as e:
+            report.record_load(con, entity, run_id, target, {"target": target, "status": "error", "error": str(e)},
+                               utc_naive(datetime.now(timezone.utc)))
+            raise
+        finally:
+            _set_owner(con, entity, run_id, before)
+        report.record_load(con, entity, run_id, target, result, utc_naive(datetime.now(timezone.utc)))
     progress(f"  load {target}: {result['status']}, {result['applied']} applied, {result['failed']} failed, "
-             f"{result['skipped_conflict']} skipped as conflicts")
+             f"{result['skipped_conflict']} skipped as conflicts{'; ' + result['reason'] if result.get('reason') else ''}")
     return result
 
 
@@ -307,14 +388,15 @@ def decide_load(cfg: Config, entity: str, run_id: str, by: str, targets: list[st
 
 
 def reload(cfg: Config, entity: str, run_id: str, targets: list[str] | None = None,
+           url_overrides: Mapping[str, str] | None = None, recovered_by: str | None = None,
            progress: Progress = _quiet) -> dict:
     """(Re)load a run's approved changes (resumes an interrupted load), then finish the run again.
     Returns the run summary with `loaded` (targets loaded) and `waiting` (targets still waiting for approval)."""
     states = targets_to_load(cfg, entity, run_id)
     loaded = [t for t, st in states.items() if st == "ok" and (not targets or t in targets)]
     for t in loaded:
-        load_changes(cfg, entity, run_id, t, progress=progress)
-    summary = finish_run(cfg, entity, run_id, progress=progress)
+        load_changes(cfg, entity, run_id, t, url_overrides, progress=progress)
+    summary = finish_run(cfg, entity, run_id, recovered_by=recovered_by, progress=progress)
     summary["loaded"] = loaded
     summary["waiting"] = [t for t, st in states.items() if st == "awaiting_approval"]
     return summary
@@ -368,20 +450,6 @@ def _assessment(con, entity: str, run_id: str) -> dict:
     return out
 
 
-def _changes_summary(con, entity: str, run_id: str) -> dict:
-    rows = con.execute("""SELECT target, status, count(*) FROM audit.changes WHERE run_id = ? AND entity = ?
-                          GROUP BY ALL""", [run_id, entity]).fetchall()
-    out: dict[str, dict] = {}
-    for target, status, n in rows:
-        t = out.setdefault(target, {"planned": 0, "applied": 0, "failed": 0, "held": 0, "skipped_conflict": 0})
-        t["planned"] += n
-        if status in ("applied", "failed", "skipped_conflict"):
-            t[status] += n
-        elif status in ("held", "blocked", "rejected"):
-            t["held"] += n
-    return out
-
-
 def purge_erased(cfg: Config, entity: str, run_id: str, progress: Progress = _quiet) -> dict:
     """Remove erased people's values from the warehouse, the kept run files and Data Docs, and rewrite the
     working warehouse file (stages/privacy.py `forget`): a stage of its own, after the loads and before
@@ -392,75 +460,34 @@ def purge_erased(cfg: Config, entity: str, run_id: str, progress: Progress = _qu
     return purged
 
 
-def finish_run(cfg: Config, entity: str, run_id: str, status: str = "success", error: str | None = None,
+def finish_run(cfg: Config, entity: str, run_id: str, error: str | None = None,
+               failed_tasks: Iterable[tuple[str, str | None, str]] = (), recovered_by: str | None = None,
                progress: Progress = _quiet) -> dict:
-    """Write the run's summary into audit.runs, publish the warehouse for analysts, return the summary."""
+    """Record the run's status and summary in audit.runs (the rules: `reconcile.report`), publish the warehouse
+    for analysts, return the summary. `error`: the run crashed; `failed_tasks`: an orchestrator's tasks that did
+    not succeed, as (task, system or None, state); `recovered_by`: the run that found this one abandoned and
+    finished it (kept when the run is finished again). The summary's `alert` is what to tell a person, or None."""
     with open_work(cfg) as con:
-        row = con.execute("SELECT run_at, started_at FROM audit.runs WHERE run_id = ? AND entity = ?",
-                          [run_id, entity]).fetchone()
-        if row is None:
+        if con.execute("SELECT 1 FROM audit.runs WHERE run_id = ? AND entity = ?", [run_id, entity]).fetchone() is None:
             raise ReconcileError(f"run {run_id!r} of {entity!r} is unknown: it never began")
-        staged = con.execute(
-            "SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = 'extract'", [run_id, entity]
-        ).fetchone()
-        results = json.loads(staged[0]) if staged else {}
-        gates_row = con.execute(
-            "SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = 'gates'", [run_id, entity]
-        ).fetchone()
-        gates = json.loads(gates_row[0]) if gates_row else None
-        results_of = {stage: json.loads(res) for stage, res in con.execute(
-            "SELECT stage, result FROM audit.stage_runs WHERE run_id = ? AND entity = ?", [run_id, entity]).fetchall()}
-        if gates is not None:
-            gates["held"] = results_of.get("guard", {}).get("held", {})
-        if not staged and status == "success":
-            status, error = "failed", error or "extraction did not complete"
-        elif gates is None and status == "success" and "identity" in results_of:
-            status, error = "failed", error or "quality gates did not complete"
-        elif status == "success":
-            plan_result = results_of.get("plan")
-            approvals = dict(con.execute("""SELECT target, CASE WHEN decision = 'rejected' THEN 'rejected'
-                                                 WHEN required AND decision IS NULL THEN 'awaiting' ELSE 'ok' END
-                                            FROM audit.approvals WHERE run_id = ? AND entity = ?""",
-                                         [run_id, entity]).fetchall())
-            held_changes = con.execute("""SELECT count(*) FROM audit.changes WHERE run_id = ? AND entity = ?
-                                          AND status IN ('held', 'blocked', 'rejected')""", [run_id, entity]).fetchone()[0]
-            if plan_result and plan_result.get("dry_run"):
-                status = "dry_run"
-            elif "awaiting" in approvals.values():
-                status = "awaiting_approval"
-            elif (gates and (gates["held"] or gates["blocked"])) or held_changes or "rejected" in approvals.values():
-                status = "blocked"
-        summary = {
-            "run_id": run_id,
-            "status": status,
-            "entity": entity,
-            "run_at": row[0].isoformat(),
-            "extracted": {s: r["extracted"] for s, r in results.items()},
-            "quarantined": {s: r["quarantined"] for s, r in results.items()},
-            "staged": {s: r["staged"] for s, r in results.items()},
-            "extract_mode": {s: r["mode"] for s, r in results.items()},
-            "warehouse": str(cfg.warehouse_path),
-        }
-        if gates is not None:
-            summary["gates"] = gates
-        golden_row = con.execute(
-            "SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = 'golden'", [run_id, entity]
-        ).fetchone()
-        if golden_row:
-            summary["golden"] = json.loads(golden_row[0])
-        if "identity" in results_of:
-            summary["identity"] = results_of["identity"]
+        summary = report.summarize(con, cfg, entity, run_id, error=error, failed_tasks=failed_tasks)
         _sync_health_counts(con, cfg, entity, run_id)
-        if "plan" in results_of:
-            summary["changes"] = _changes_summary(con, entity, run_id)
-            if results_of["plan"].get("dry_run"):
-                summary["assessment"] = _assessment(con, entity, run_id)
-        if error:
-            summary["error"] = error
-        con.execute(
-            "UPDATE audit.runs SET status = ?, finished_at = ?, error = ?, summary = ? WHERE run_id = ? AND entity = ?",
-            [status, utc_naive(datetime.now(timezone.utc)), error, json.dumps(summary), run_id, entity],
-        )
+        if summary["status"] == "dry_run":
+            summary["assessment"] = _assessment(con, entity, run_id)
+        recovered_by = recovered_by or con.execute(
+            "SELECT summary->>'$.recovered_by' FROM audit.runs WHERE run_id = ? AND entity = ?",
+            [run_id, entity]).fetchone()[0]
+        if recovered_by:
+            summary["recovered_by"] = recovered_by
+        summary["alert"] = report.alert(summary, report.previous_summary(con, entity, run_id))
+        con.execute("UPDATE audit.runs SET status = ?, finished_at = ?, error = ?, summary = ?, owner = NULL "
+                    "WHERE run_id = ? AND entity = ?",
+                    [summary["status"], utc_naive(datetime.now(timezone.utc)), summary.get("error"),
+                     json.dumps(summary), run_id, entity])
+    for reason in summary["reasons"]:
+        progress(f"  {summary['status']}: {reason}")
+    for note in summary["notes"]:
+        progress(f"  note: {note}")
     path = publish(cfg, entity)
     progress(f"published {path}")
     prune(cfg, entity, KEEP_RUN_DIRS, run_id)
@@ -495,41 +522,64 @@ def run_entity(cfg: Config, entity: str, run_id: str | None = None, run_at: date
                full: bool | None = None, url_overrides: Mapping[str, str] | None = None,
                progress: Progress = _quiet, dry_run: bool | None = None, approve: bool = False,
                through: str = "load") -> dict:
-    """Every stage that exists, in order, for one entity. Failures are recorded and re-raised."""
+    """Every stage of `pipeline.STAGES`, in order, for one entity, in this process (which owns the run until it
+    finishes). `through="extract"` stops once staging is loaded. Failures are recorded and re-raised."""
     run_at = utc_naive(run_at or datetime.now(timezone.utc))
     run_id = run_id or new_run_id(run_at)
     t0 = time.monotonic()
     progress(f"run {run_id}: entity {entity}")
-    manifest = begin_run(cfg, entity, run_id, run_at, full=full)
-    try:
-        systems = sorted(manifest["systems"])
+    manifest = begin_run(cfg, entity, run_id, run_at, full=full, url_overrides=url_overrides, hold=True,
+                         progress=progress)
+    systems = sorted(manifest["systems"])
+
+    def extract_all() -> None:
         # Threads are enough: extraction waits on the source databases, and writes only Parquet.
         with ThreadPoolExecutor(max_workers=min(4, len(systems)) or 1) as pool:
             futures = [pool.submit(extract_system, cfg, entity, s, run_id, url_overrides, progress) for s in systems]
             for f in futures:
                 r = f.result()
                 progress(f"  {r['system']}: {r['rows']} rows extracted ({r['mode']})")
-        load_staging(cfg, entity, run_id, progress)
-        if through != "extract":
-            for s in systems:
-                validate_system(cfg, entity, s, run_id, progress)
-            apply_gates(cfg, entity, run_id, progress)
-            resolve_identity(cfg, entity, run_id, progress)
-            build_golden(cfg, entity, run_id, progress)
-            guard_collisions(cfg, entity, run_id, progress)
-            plan_changes(cfg, entity, run_id, dry_run=dry_run, approve=approve, progress=progress)
-            for target, state in targets_to_load(cfg, entity, run_id).items():
-                if state == "ok":
-                    load_changes(cfg, entity, run_id, target, url_overrides, progress)
-                elif state == "awaiting_approval":
-                    progress(f"  load {target}: waiting for approval (reconcile approve --run {run_id})")
-        purge_erased(cfg, entity, run_id, progress)
+
+    def load_all() -> None:
+        for target, state in targets_to_load(cfg, entity, run_id).items():
+            if state == "ok":
+                load_changes(cfg, entity, run_id, target, url_overrides, progress)
+            elif state == "awaiting_approval":
+                progress(f"  load {target}: waiting for approval (reconcile approve --run {run_id})")
+
+    steps = {  # stages whose call differs from `stage(cfg, entity, run_id, progress=progress)`
+        "extract_system": extract_all,
+        "validate_system": lambda: [validate_system(cfg, entity, s, run_id, progress) for s in systems],
+        "plan_changes": lambda: plan_changes(cfg, entity, run_id, dry_run=dry_run, approve=approve,
+                                             progress=progress),
+        "load_changes": load_all,
+    }
+
+    def run(stage) -> None:
+        step = steps.get(stage.function)
+        if step is None:
+            globals()[stage.function](cfg, entity, run_id, progress=progress)
+        else:
+            step()
+
+    between = STAGES[1:-1]  # between begin_run and finish_run
+    done, skipping = 0, False
+    try:
+        for i, stage in enumerate(between):
+            if not skipping or stage.always:
+                run(stage)
+            done = i + 1
+            skipping = skipping or (through == "extract" and stage.function == EXTRACT_ONLY_THROUGH)
         summary = finish_run(cfg, entity, run_id, progress=progress)
     except BaseException as e:
-        try:
-            purge_erased(cfg, entity, run_id, progress)
+        try:  # the stages that run even after a failure (an erased person's values go in any case)
+            for stage in between[done + 1:]:
+                if stage.always:
+                    run(stage)
         finally:
-            finish_run(cfg, entity, run_id, status="failed", error=str(e), progress=progress)
+            finish_run(cfg, entity, run_id, error=str(e) or type(e).__name__, progress=progress)
         raise
     summary["duration_s"] = round(time.monotonic() - t0, 2)
+    if manifest.get("recovered"):
+        summary["recovered"] = manifest["recovered"]
     return summary

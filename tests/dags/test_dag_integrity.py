@@ -11,18 +11,19 @@ from pathlib import Path
 import yaml
 
 from reconcile.config import load_config
+from reconcile.pipeline import STAGES, task_ids
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_FILE = REPO / "dags" / "reconcile_dags.py"
 
-# The same stages in the same order as runner.run_entity; extract, validate and load are mapped per system.
-CHAIN = ["begin_run", "extract", "load_staging", "validate", "apply_gates", "resolve_identity", "build_golden",
-         "guard_collisions", "plan_changes", "check_approval", "load", "purge_erased", "finish_run"]
+# The stages of reconcile.pipeline.STAGES in their order (runner.run_entity follows it too), with the approval
+# branch before the per-target load; extract, validate and load are mapped per system.
+CHAIN = [t for s in task_ids() for t in (["check_approval", s] if s == "load" else [s])]
 # The branch check_approval -> approve_load -> load_approved -> purge_erased, taken only when a load needs approval.
 APPROVAL = ["check_approval", "approve_load", "load_approved", "purge_erased", "finish_run"]
 # Run even when an upstream task failed: gate outcomes are recorded after a failed gate; erased people's values
 # are removed; the run is recorded.
-ALL_DONE = {"apply_gates", "purge_erased", "finish_run"}
+ALL_DONE = {"apply_gates"} | {s.task for s in STAGES if s.always}
 # Never imported when the DAG file is parsed: the dag processor parses every few seconds.
 HEAVY_MODULES = {"duckdb", "pyarrow", "pandas", "great_expectations", "reconcile.runner", "reconcile.warehouse",
                  "reconcile.stages", "reconcile.connectors"}

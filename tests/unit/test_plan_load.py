@@ -164,7 +164,11 @@ def test_convergence_second_run_plans_nothing(tmp_path):
     night(cfg, 1)
     s2 = night(cfg, 2)
     assert wh(cfg, "SELECT count(*) FROM audit.changes WHERE run_id = 'r2' AND status IN ('planned', 'applied')") == [(0,)]
-    assert s2["status"] == "blocked"  # only because the shared mailbox stays held for review
+    # Eve's name fails marketing's CHECK constraint again, as every night: incomplete, but no news, no alert;
+    # the shared mailbox stays held for review (standing since night 1, so not `blocked`)
+    assert s2["status"] == "incomplete" and s2["alert"] is None
+    assert s2["failures"]["marketing"][0]["count"] == 1 and "CHECK constraint" in s2["reasons"][0]
+    assert s2["holds_new"] == {} and s2["holds_standing"] == {"marketing": 2}
 
 
 def test_no_write_ever_goes_into_an_owned_field_and_eligibility_is_honoured(tmp_path):
@@ -205,7 +209,8 @@ def test_approval_then_load(tmp_path):
     # Cy's name applied; Eve's fails marketing's CHECK constraint; nothing into crm yet
     assert (s["changes"]["marketing"]["applied"], s["changes"]["marketing"]["failed"]) == (1, 1)
     assert s["changes"]["crm"]["applied"] == 0
-    assert s["status"] == "awaiting_approval"  # crm still waits
+    assert s["status"] == "incomplete"  # Eve's failed write; and crm still waits
+    assert any("the load into crm waits for approval" in r for r in s["reasons"])
 
 
 def test_dry_run_writes_nothing(tmp_path):

@@ -222,7 +222,8 @@ def _record(con, entity: str, target: str, run_id: str, outcomes: list[dict]) ->
 
 
 def _resume(con, writer: Writer, entity: str, target: str, run_id: str) -> None:
-    """Changes left `applying` by a killed load: written already -> applied; not written -> planned again."""
+    """Changes left `applying` by a killed load: written already -> applied, recorded like any applied change
+    (a create's `created` link, the write ledger); not written -> planned again."""
     rows = con.execute("""SELECT change_id, record_key, operation, column_name, after_raw FROM audit.changes
                           WHERE run_id = ? AND entity = ? AND target = ? AND status = 'applying'""",
                        [run_id, entity, target]).fetchall()
@@ -233,22 +234,24 @@ def _resume(con, writer: Writer, entity: str, target: str, run_id: str) -> None:
     cols = sorted({r[3] for r in rows if r[3]} | {c for r in rows if r[2] == "erase"
                                                  for c in json.loads(r[4]).get("columns", [])})
     current = writer.current(keys, cols) if keys else {}
+    outcomes = []
     for cid, key, op, col, after in rows:
+        found = None
         if op == "update" or op == "link" or (op == "archive" and col):
-            done = key in current and current[key].get(col) == after
+            done, written = key in current and current[key].get(col) == after, {col: after}
         elif op == "create":
             values = json.loads(after)
             found = writer.find({k: v for k, v in values.items() if v is not None})
-            done = found is not None
-            if done:
-                con.execute("UPDATE audit.changes SET record_key = ? WHERE change_id = ?", [found, cid])
+            done, written = found is not None, values
         else:  # erase / hard delete: done if the record is gone (or, anonymised, its text columns blank)
             spec = json.loads(after) if op == "erase" else {"mode": "delete"}
+            written = {} if spec["mode"] == "delete" else {c: None for c in spec["columns"]}
             done = key not in current or (spec["mode"] != "delete" and all(
                 current[key].get(c) is None for c in spec["columns"]))
-        con.execute("UPDATE audit.changes SET status = ?, applied_at = CASE WHEN ? THEN ? END, "
-                    "error = CASE WHEN ? THEN 'verified after an interrupted load' END WHERE change_id = ?",
-                    ["applied" if done else "planned", done, _now(), done, cid])
+        outcomes.append({"change_id": cid, "status": "applied", "error": "verified after an interrupted load",
+                         "written": written, "record_key": found} if done else
+                        {"change_id": cid, "status": "planned", "error": None})
+    _record(con, entity, target, run_id, outcomes)
 
 
 def rollback(con, cfg: Config, entity: str, target: str, run_id: str, url: str) -> dict:

@@ -10,12 +10,14 @@ TABLES = [
     """CREATE TABLE IF NOT EXISTS audit.runs (
         run_id VARCHAR NOT NULL,
         entity VARCHAR NOT NULL,
-        status VARCHAR NOT NULL,          -- running | success | failed | blocked
+        status VARCHAR NOT NULL,          -- running | success | dry_run | blocked | awaiting_approval
+                                          --   | incomplete | failed (reconcile/report.py)
         run_at TIMESTAMP NOT NULL,        -- the run's logical time (Airflow's run_after, or now on the CLI)
         started_at TIMESTAMP NOT NULL,
         finished_at TIMESTAMP,
         error VARCHAR,
         summary JSON,
+        owner VARCHAR,                    -- host:pid of the process working on the run now (NULL: none)
         PRIMARY KEY (run_id, entity)
     )""",
     """CREATE TABLE IF NOT EXISTS audit.stage_runs (
