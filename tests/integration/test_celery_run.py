@@ -222,14 +222,16 @@ def test_celery_run_spreads_tasks_over_two_workers_and_converges(metadata_db, tm
                           cluster, RUN_TIMEOUT, every=5)
             tis = client.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances",
                              params={"limit": 100}).raise_for_status().json()["task_instances"]
-            assert state == "success", (state, {(t["task_id"], t["map_index"]): t["state"] for t in tis},
-                                        cluster.tails())
+            states = {(t["task_id"], t["map_index"]): t["state"] for t in tis}
+            # A run recorded blocked (the demo's newly held mailboxes) fails finish_run on purpose: red, not a crash.
+            bad = {k for k, v in states.items() if v not in ("success", "skipped")}
+            assert state == "success" or bad == {("finish_run", -1)}, (state, states, cluster.tails())
             return tis
 
         first_id = trigger("reconcile_contact")
         tis = finished("reconcile_contact", first_id)
 
-        ran = [t for t in tis if t["state"] == "success"]
+        ran = [t for t in tis if t["state"] in ("success", "failed")]
         where = {(t["task_id"], t["map_index"]): (t["hostname"], t["queue"]) for t in ran}
         extracts = {k: v for k, v in where.items() if k[0] == "extract"}
         assert sorted(extracts) == [("extract", 0), ("extract", 1), ("extract", 2)]

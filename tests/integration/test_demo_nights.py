@@ -25,7 +25,7 @@ def test_two_nights_on_the_demo_converge(tmp_path):
     config = str(tmp_path / "reconcile.yaml")
     assert cli("check-config", config, "--connect").returncode == 0
     first = cli("run", "--config", config, "--json")
-    assert first.returncode == 3, first.stderr  # blocked: the shared mailbox stays held for review
+    assert first.returncode == 3, first.stderr  # blocked: the shared mailbox is newly held for review
     s1 = json.loads(first.stdout)
     assert set(s1) >= {"run_id", "status", "entity", "extracted", "quarantined", "gates", "identity", "golden",
                        "changes"}
@@ -34,6 +34,9 @@ def test_two_nights_on_the_demo_converge(tmp_path):
     assert applied > 50 and all(c["failed"] == 0 for c in s1["changes"].values())
     second = cli("run", "--config", config, "--json")
     s2 = json.loads(second.stdout)
+    # nothing new is held: the shared mailbox's holds stand from night 1, no alert
+    assert (second.returncode, s2["status"], s2["alert"]) == (0, "success", None), s2.get("reasons")
+    assert s2["held_new"] == {} and s2["held_standing"]
     assert sum(c["applied"] for c in s2.get("changes", {}).values()) == 0
     assert sum(c["planned"] - c["held"] for c in s2.get("changes", {}).values()) == 0
     assert s2["gates"]["failed"] == 0  # our own writes are not a volume anomaly
