@@ -127,3 +127,24 @@ class ReconcileAlert(BaseNotifier):
                          html_content=body).notify(context)
         except Exception as e:  # an alert channel being down must not fail the run
             log.warning("emailing the alert through connection %s failed: %s", conn_id, e)
+
+
+def conclude_run(context: Mapping[str, Any], summary: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The end of a DAG run, after the library recorded it: send the run's alert (the summary's `alert`, set
+    only on a change of state), then show its status as the final task's state in the DAG run list: `success`
+    and `dry_run` return the summary; `failed`, `incomplete`, `blocked` and `awaiting_approval` raise
+    AirflowFailException (no retry), the reasons in the message."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    if summary.get("alert"):
+        a = summary["alert"]
+        ReconcileAlert(a["event"], a["message"], a.get("details"))(context)
+    status = summary["status"]
+    if status in ("success", "dry_run"):
+        return summary
+    ti = context.get("ti")
+    if ti is not None:
+        ti.xcom_push(key="summary", value=dict(summary))
+    why = "; ".join(summary.get("reasons") or []) or "see its summary"
+    kind = "failed" if status == "failed" else f"ended {status} (recorded; not a crash)"
+    raise AirflowFailException(f"reconcile run {summary['run_id']} of {summary['entity']} {kind}: {why}")

@@ -64,7 +64,7 @@ from reconcile.lineage import Dataset, task_lineage
 from reconcile.pipeline import task_ids
 
 # Beside this file (Airflow puts the DAG bundle's folder on sys.path); listed in .airflowignore.
-from reconcile_alerts import ReconcileAlert
+from reconcile_alerts import ReconcileAlert, conclude_run
 from reconcile_approval import LoadApprovalOperator, approval_timeout
 
 CONFIG_ENV = "RECONCILE_CONFIG"
@@ -157,24 +157,6 @@ def _failed_tasks(ctx, systems: list[str], extract_queues: dict) -> list[tuple[s
         name = over[subject] if over is not None and subject is not None and subject < len(over) else None
         out.append((task, name, state))
     return out
-
-
-def _end_run(ctx, summary: dict) -> dict:
-    """After the run is recorded: its alert (only on a change of state, decided by the library), then a final
-    task state that shows the status in the DAG run list: failed, incomplete, awaiting_approval and blocked
-    fail this task (and so the DAG run); success and dry_run succeed."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    status = summary["status"]
-    if summary.get("alert"):
-        a = summary["alert"]
-        ReconcileAlert(a["event"], a["message"], a["details"])(ctx)
-    if status in ("success", "dry_run"):
-        return summary
-    ctx["ti"].xcom_push(key="summary", value=summary)
-    why = "; ".join(summary.get("reasons") or []) or "see its summary"
-    kind = "failed" if status == "failed" else f"ended {status} (recorded; not a crash)"
-    raise AirflowFailException(f"reconcile run {ctx['run_id']} of {summary['entity']} {kind}: {why}")
 
 
 def _task_states(ctx) -> dict[str, str]:
@@ -378,7 +360,7 @@ def build_dag(cfg: Config, entity: str):
             ctx = get_current_context()
             summary = runner.finish_run(cfg, entity, ctx["run_id"], progress=log.info,
                                         failed_tasks=_failed_tasks(ctx, systems, extract_queues))
-            return _end_run(ctx, summary)
+            return conclude_run(ctx, summary)
 
         # One mapped `extract` per queue: `extract` on the default queue, `extract_on_<queue>` for systems with one.
         extracts = [extract.override(task_id=f"extract_on_{queue}", queue=queue).expand(system=on) if queue

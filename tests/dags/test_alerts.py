@@ -16,7 +16,7 @@ import types
 from pathlib import Path
 
 import pytest
-from reconcile_alerts import ReconcileAlert, alert_file
+from reconcile_alerts import ReconcileAlert, alert_file, conclude_run
 
 
 class _TI:
@@ -195,3 +195,42 @@ def test_slack_provider_gets_the_connection_and_text(tmp_path, monkeypatch):
 
     assert sent == [("reconcile_slack", "reconcile reconcile_contact run manual__2026-11-22: 2 writes held",
                      "manual__2026-11-22")]
+
+
+class _PushingTI(_TI):
+    task_id, map_index = "finish_run", -1
+
+    def __init__(self):
+        self.pushed = {}
+
+    def xcom_push(self, key, value):
+        self.pushed[key] = value
+
+
+def _summary(status: str, alert: dict | None) -> dict:
+    return {"run_id": "manual__2026-11-22", "entity": "contact", "status": status, "alert": alert,
+            "reasons": [f"why {status}"]}
+
+
+def test_a_run_needing_a_person_fails_the_final_task_and_alerts_once(tmp_path, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.setenv("RECONCILE_ALERT_FILE", str(tmp_path / "a.jsonl"))
+    ti = _PushingTI()
+    alert = {"event": "run_blocked", "message": "run of contact ended blocked: why blocked", "details": {}}
+    with pytest.raises(AirflowFailException, match=r"ended blocked \(recorded; not a crash\): why blocked"):
+        conclude_run({"ti": ti, "run_id": _TI.run_id}, _summary("blocked", alert))
+    assert [a["event"] for a in _lines(tmp_path / "a.jsonl")] == ["run_blocked"]
+    assert ti.pushed["summary"]["status"] == "blocked"
+    # the next night, the same standing state: still red, no second alert (the library set no alert)
+    with pytest.raises(AirflowFailException, match="ended incomplete"):
+        conclude_run({"ti": ti, "run_id": _TI.run_id}, _summary("incomplete", None))
+    assert len(_lines(tmp_path / "a.jsonl")) == 1
+
+
+def test_a_successful_run_is_green_and_silent(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECONCILE_ALERT_FILE", str(tmp_path / "a.jsonl"))
+    summary = _summary("success", None)
+    assert conclude_run({"ti": _PushingTI(), "run_id": _TI.run_id}, summary) is summary
+    assert conclude_run({"ti": _PushingTI(), "run_id": _TI.run_id}, _summary("dry_run", None))["status"] == "dry_run"
+    assert not (tmp_path / "a.jsonl").exists()
