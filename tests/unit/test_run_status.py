@@ -75,7 +75,7 @@ def test_standing_holds_neither_block_nor_alert_again_and_a_new_hold_does(tmp_pa
     assert any("standing, not news" in n for n in s2["notes"])
     assert cli.exit_code(s2["status"]) == cli.EXIT_OK
     _sql(crm, "INSERT INTO contact VALUES ('F', 'info@shared.example', 'Fred', 'Hahn', NULL, 0, '2026-02-02 12:00:00')")
-    s3 = night(cfg, 3)  # a third person at the shared mailbox: one new held create
+    s3 = night(cfg, 3, full=True)  # a third person at the shared mailbox: one new held create
     assert s3["status"] == "blocked" and s3["held_new"] == {"marketing": 1}
     assert s3["held_standing"] == {"marketing": 2}
     assert s3["alert"]["event"] == "run_blocked" and "newly held" in s3["alert"]["message"]
@@ -115,7 +115,8 @@ def test_a_run_killed_mid_load_is_finished_by_the_next_plain_run_exactly_once(tm
     assert 4 <= written < 13, "the load must have been interrupted mid-way"
     cfg = load_config(path)
 
-    s2 = night(cfg, 2)  # a plain run: finds r1 abandoned (its process is gone), finishes it, then runs
+    s2 = runner.run_entity(cfg, "contact", run_id="r2")  # a plain run (now, after r1): finds r1 abandoned,
+    # its process gone, finishes it, then runs
 
     assert s2["recovered"] == [{"run_id": "r1", "status": "incomplete"}]  # Eve's name fails its CHECK
     (r1,) = wh(cfg, "SELECT status, owner, summary->>'$.recovered_by' FROM audit.runs WHERE run_id = 'r1'")
