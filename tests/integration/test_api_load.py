@@ -218,3 +218,40 @@ def test_a_load_killed_mid_way_resumes_exactly_once_against_the_api(tmp_path, ap
     assert mkt(tmp_path, "SELECT count(*) FROM contacts WHERE firstname LIKE 'New%'") == [(12,)]
     assert wh(cfg, "SELECT status, count(*) FROM audit.changes WHERE run_id = 'r1' AND target = 'marketing' "
                    "AND operation = 'update' GROUP BY 1 ORDER BY 1") == [("applied", expected - 1), ("failed", 1)]
+
+
+def test_a_run_killed_mid_create_is_finished_by_the_next_run_linked_and_ledgered(tmp_path, api):
+    # SIGKILL lands while the create request is in flight: the API writes the contact, the run never records it.
+    crm = sqlite3.connect(tmp_path / "systems" / "crm.db")
+    crm.execute("INSERT INTO contact VALUES ('N1', 'nia@example.com', 'Nia', 'Long', NULL, 0, '2026-01-03 10:00:00')")
+    crm.commit()
+    crm.close()
+    path = make(tmp_path, api, create="true")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2] / "include"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "reconcile.cli", "run", "--config", str(path), "--run-id", "k1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def kill() -> None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    api.before("POST", "/batch/create", kill)
+    assert proc.wait(timeout=300) == -signal.SIGKILL, "the run must have been killed at its create"
+    assert mkt(tmp_path, "SELECT count(*) FROM contacts WHERE email = 'nia@example.com'") == [(1,)]
+    cfg = load_config(path)
+
+    s2 = runner.run_entity(cfg, "contact", run_id="k2")  # a plain run: finishes k1 first
+
+    assert [r["run_id"] for r in s2["recovered"]] == ["k1"]
+    (change_id, key, status, error), = wh(cfg, "SELECT change_id, record_key, status, error FROM audit.changes "
+                                               "WHERE run_id = 'k1' AND operation = 'create' "
+                                               "AND after_raw LIKE '%nia@example.com%'")
+    assert (status, error) == ("applied", "verified after an interrupted load")
+    assert wh(cfg, f"SELECT rule FROM identity.xref WHERE system = 'marketing' AND record_key = '{key}'") == [
+        ("created",)]
+    assert wh(cfg, f"SELECT count(*) FROM audit.write_ledger WHERE change_id = '{change_id}'")[0][0] > 0
+    # created once, never again by k2
+    assert mkt(tmp_path, "SELECT count(*) FROM contacts WHERE email = 'nia@example.com'") == [(1,)]
+    assert wh(cfg, "SELECT count(*) FROM audit.changes WHERE run_id = 'k2' AND operation = 'create' "
+                   "AND status = 'applied'") == [(0,)]
