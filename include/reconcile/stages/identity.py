@@ -464,13 +464,12 @@ def _score(r: _Run, spec: ModelSpec | None) -> None:
     if not con.execute("SELECT count(*) FROM _fresh").fetchall()[0][0]:  # fetchall: the result is finished
         return
     fresh = con.sql("SELECT rid FROM _fresh").to_arrow_table()
-    scored = identity_model.score(records, fresh, model, spec)
+    r.stats["pairs_scored"], scored = identity_model.score(records, fresh, model, spec)
     con.register("_scored_arrow", scored)
     try:
         con.execute("CREATE OR REPLACE TEMP TABLE _scored AS SELECT * FROM _scored_arrow")
     finally:
         con.unregister("_scored_arrow")
-    r.stats["pairs_scored"] = con.execute("SELECT count(*) FROM _scored").fetchone()[0]
     shared = [rule for rule in match_rules(r.cfg, e) if rule.type == "exact"]
     same_key = " OR ".join("(" + " AND ".join(f"a.{q(f)} = b.{q(f)}" for f in rule.fields) + ")" for rule in shared)
     contradicted = f"(({same_key}) AND {_contradicted(r.cfg, e, 'a', 'b')})" if shared else "FALSE"
@@ -626,8 +625,8 @@ def _keep_unchanged_duplicates(r: _Run) -> None:
 
 
 def _link_evidence(r: _Run) -> None:
-    """Links made this run by a deterministic rule carry the model's evidence too: the best scored pair of
-    the record with another record now on its xid (probability and per-field weights)."""
+    """Links made this run by a deterministic rule carry the model's evidence too: the best scored pair (at or
+    above review_threshold) of the record with another record now on its xid (probability and weights)."""
     e = sql_literal(r.entity)
     r.con.execute(f"""
         CREATE OR REPLACE TEMP TABLE _ev AS

@@ -311,9 +311,10 @@ def m_u(model: dict) -> dict[str, list[dict]]:
 def score(records, fresh, model: dict, spec: ModelSpec):
     """Blocked pairs of every fresh record (rid in the Arrow table `fresh`) with every record, scored.
 
-    Pairs of two fresh records are scored once; a fresh record is never paired with itself. Returns an
-    Arrow table (rid_l, rid_r, system_l, system_r, probability, weight, evidence, evidence_rev) with every
-    scored pair: evidence is JSON {field: {a, b, weight}} with a the left record (evidence_rev: the right);
+    Pairs of two fresh records are scored once; a fresh record is never paired with itself. Returns (the
+    number of pairs scored, an Arrow table (rid_l, rid_r, system_l, system_r, probability, weight,
+    evidence, evidence_rev) of the pairs at or above the review threshold: the others are no match and are
+    not kept). Evidence is JSON {field: {a, b, weight}} with a the left record (evidence_rev: the right);
     term frequencies come from all records, counted per person (`_person_term_frequencies`).
     """
     splink, _ = _splink()
@@ -355,9 +356,10 @@ def score(records, fresh, model: dict, spec: ModelSpec):
             f"""SELECT rid_l, rid_r, system_l, system_r, match_probability AS probability,
                        round(match_weight, 2) AS weight, {evidence(False)} AS evidence,
                        {evidence(True)} AS evidence_rev
-                FROM {p.physical_name}""" for p in parts)
+                FROM {p.physical_name} WHERE match_probability >= {spec.review_threshold}""" for p in parts)
+        n = sum(con.execute(f"SELECT count(*) FROM {p.physical_name}").fetchone()[0] for p in parts)
         con.execute(f"CREATE TABLE scored AS {union}")
-        return con.table("scored").to_arrow_table()
+        return n, con.table("scored").to_arrow_table()
     finally:
         con.close()
 
