@@ -707,7 +707,8 @@ def _retire(r: _Run) -> None:
                    WHERE x.entity = ?""", [e])
     con.execute("""CREATE OR REPLACE TEMP TABLE _retired AS SELECT xid FROM identity.xids
                    WHERE entity = ? AND status = 'active' AND xid NOT IN (SELECT xid FROM _present)""", [e])
-    con.execute("""INSERT INTO identity.xref_history
+    con.execute("""INSERT INTO identity.xref_history (entity, xid, system, record_key, action, rule, confidence,
+                                                      previous_xid, run_id, changed_at, note)
                    SELECT ?, x.xid, x.system, x.record_key, 'retire', x.rule, x.confidence, NULL, ?, ?,
                           'no record of this xid remains in any system'
                    FROM identity.xref x JOIN _retired USING (xid) WHERE x.entity = ?""",
@@ -730,11 +731,13 @@ def _move(r: _Run, system: str, key: str, xid: str, rule: str, action: str, note
         return
     if prev:
         con.execute("DELETE FROM identity.xref WHERE entity = ? AND system = ? AND record_key = ?", [r.entity, system, key])
-        con.execute("INSERT INTO identity.xref_history VALUES (?, ?, ?, ?, 'unlink', ?, NULL, NULL, ?, ?, ?)",
+        con.execute("INSERT INTO identity.xref_history (entity, xid, system, record_key, action, rule, run_id, "
+                    "changed_at, note) VALUES (?, ?, ?, ?, 'unlink', ?, ?, ?, ?)",
                     [r.entity, prev[0], system, key, rule, r.run_id, r.run_at, note])
     con.execute("INSERT INTO identity.xref (xid, entity, system, record_key, rule, confidence, run_id, linked_at) "
                 "VALUES (?, ?, ?, ?, ?, 1.0, ?, ?)", [xid, r.entity, system, key, rule, r.run_id, r.run_at])
-    con.execute("INSERT INTO identity.xref_history VALUES (?, ?, ?, ?, ?, ?, 1.0, ?, ?, ?, ?)",
+    con.execute("INSERT INTO identity.xref_history (entity, xid, system, record_key, action, rule, confidence, "
+                "previous_xid, run_id, changed_at, note) VALUES (?, ?, ?, ?, ?, ?, 1.0, ?, ?, ?, ?)",
                 [r.entity, xid, system, key, action, rule, prev[0] if prev else None, r.run_id, r.run_at, note])
 
 
@@ -748,7 +751,8 @@ def _final_xid(r: _Run, xid: str) -> str:
 
 def _new_xid(r: _Run, origin: str) -> str:
     xid = str(r.con.execute("SELECT uuidv7()").fetchone()[0])
-    r.con.execute("INSERT INTO identity.xids VALUES (?, ?, 'active', NULL, ?, ?, ?)",
+    r.con.execute("INSERT INTO identity.xids (xid, entity, status, minted_run_id, minted_at, minted_from) "
+                  "VALUES (?, ?, 'active', ?, ?, ?)",
                   [xid, r.entity, r.run_id, r.run_at, origin])
     return xid
 

@@ -190,17 +190,20 @@ def _record(con, entity: str, target: str, run_id: str, outcomes: list[dict]) ->
                        FROM audit.changes c JOIN _outcomes o USING (change_id)
                        WHERE c.operation = 'create' AND o.status = 'applied' AND c.record_key IS NOT NULL
                        ON CONFLICT DO NOTHING""", [now])
-        con.execute("""INSERT INTO identity.xref_history
+        con.execute("""INSERT INTO identity.xref_history (entity, xid, system, record_key, action, rule, confidence,
+                                                          previous_xid, run_id, changed_at, note)
                        SELECT c.entity, c.xid, c.target, c.record_key, 'link', 'created', 1.0, NULL, c.run_id, ?,
                               'created by reconcile'
                        FROM audit.changes c JOIN _outcomes o USING (change_id)
                        WHERE c.operation = 'create' AND o.status = 'applied' AND c.record_key IS NOT NULL""", [now])
-        con.execute("""INSERT INTO audit.write_ledger
+        con.execute("""INSERT INTO audit.write_ledger (entity, target, record_key, column_name, value_hash,
+                                                      change_id, run_id, written_at)
                        SELECT ?, ?, coalesce(c.record_key, ''), w.column_name, w.value_hash, w.change_id, ?, ?
                        FROM _written w JOIN audit.changes c USING (change_id)""", [entity, target, run_id, now])
         # A create the target refused because the record exists there (HubSpot's 409): the existing record
         # waits in review as a link candidate for the identity (`reconcile review decide link` takes it).
-        con.execute("""INSERT INTO review.items
+        con.execute("""INSERT INTO review.items (item_id, entity, kind, system, status, title, details,
+                                                 first_seen_run, last_seen_run, created_at, updated_at)
                        SELECT md5(concat_ws('|', 'link_candidate', c.entity, c.target, c.xid, o.existing_key)),
                               c.entity, 'link_candidate', c.target, 'open',
                               c.target || ' already holds record ' || coalesce(o.existing_key, '?') ||
@@ -281,7 +284,8 @@ def rollback(con, cfg: Config, entity: str, target: str, run_id: str, url: str) 
             if res.status == "applied":
                 restored.append(res.ref)
                 if op == "create":  # the record is gone: so is the link we made (a later run may re-plan)
-                    con.execute("""INSERT INTO identity.xref_history
+                    con.execute("""INSERT INTO identity.xref_history (entity, xid, system, record_key, action,
+                                                   rule, confidence, previous_xid, run_id, changed_at, note)
                                    SELECT entity, xid, system, record_key, 'unlink', 'rollback', NULL, NULL, ?, now(),
                                           'created record removed by rollback'
                                    FROM identity.xref WHERE entity = ? AND system = ? AND record_key = ?""",

@@ -27,6 +27,12 @@ STAGE = "plan"
 OPERATIONS = ("create", "update", "link", "archive", "erase")
 
 
+# Every column of audit.changes, in the order each planning SELECT gives them.
+CHANGE_COLUMNS = ("change_id, run_id, entity, target, record_key, xid, operation, field, column_name, before_value, "
+                  "after_value, after_raw, status, reason, lineage, expected, before_image, applied_at, error, "
+                  "load_attempt")
+
+
 def _reverse(expr: str, steps) -> str:
     """Canonical value -> the value the target stores (inverse of its value map; else the canonical text)."""
     maps = [s for s in steps if s.name == "map"]
@@ -164,7 +170,7 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
           AND NOT EXISTS (SELECT 1 FROM audit.changes c WHERE c.entity = {e} AND c.target = {t}
                           AND c.record_key = x.record_key AND c.operation = 'erase' AND c.status = 'applied')""")
     for sql in inserts:
-        con.execute(f"INSERT INTO audit.changes {sql}")
+        con.execute(f"INSERT INTO audit.changes ({CHANGE_COLUMNS}) {sql}")
 
     # Erased people get nothing but their erasure.
     con.execute(f"""UPDATE audit.changes SET status = 'held', reason = 'erasure requested: only the erasure is written'
@@ -321,6 +327,6 @@ def _thresholds(con, cfg: Config, entity: str, run_id: str, run_at: datetime) ->
                 reasons.append(f"{n} {op}s > {share:.0%} of {size} records")
         t["needs_approval"] = bool(reasons)
         t["approval_reasons"] = reasons
-        con.execute("INSERT INTO audit.approvals VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL, NULL)",
+        con.execute("INSERT INTO audit.approvals (run_id, entity, target, required, reasons) VALUES (?, ?, ?, ?, ?)",
                     [run_id, entity, target, bool(reasons), json.dumps(reasons)])
     return {"targets": out}
