@@ -44,6 +44,8 @@ def task_ids() -> list[str]:
     return [s.task for s in STAGES]
 
 
-def recorded_order() -> dict[str, int]:
-    """audit.stage_runs names -> position, for listing a run's stages in order."""
-    return {s.recorded: i for i, s in enumerate(s for s in STAGES if s.recorded)}
+def task_of(recorded: str) -> str:
+    """The task name of an audit.stage_runs name: `extract` -> `load_staging`, `load:<target>` stays."""
+    base, sep, rest = recorded.partition(":")
+    task = next((s.task for s in STAGES if s.recorded == base), base)
+    return f"{task}{sep}{rest}"

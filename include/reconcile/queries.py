@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import Config
 from .errors import ReconcileError
-from .pipeline import recorded_order
+from .pipeline import task_ids, task_of
 
 # The statuses a change can end in that mean "held back" (summed as `held` in run summaries).
 HELD_STATUSES = ("held", "blocked", "rejected")
@@ -113,9 +113,10 @@ def run_status(cfg: Config, run_id: str | None = None, entity: str | None = None
         approvals = _dicts(con.execute("""SELECT target, required, reasons, decision, decided_by, decided_at, note
                                           FROM audit.approvals WHERE run_id = ? AND entity = ? ORDER BY target""",
                                        [run["run_id"], run["entity"]]))
-    timings = (run["summary"] or {}).get("stages") or {}
-    done = {s for (s,) in stages}
-    order = list(timings) + sorted(done - set(timings), key=lambda s: (_STAGE_ORDER.get(s.split(':')[0], len(_STAGE_ORDER)), s))  # load:<target>
+    timings = (run["summary"] or {}).get("stages") or {}  # task names, in pipeline order (report.stage_seconds)
+    done = {task_of(s) for (s,) in stages}
+    order = list(timings) + sorted(done - set(timings),
+                                   key=lambda s: (_TASK_ORDER.get(s.split(":")[0], len(_TASK_ORDER)), s))
     run["stages"] = [{"stage": s, "seconds": timings.get(s), "done": s in done or s in timings} for s in order]
     run["approvals"] = {a.pop("target"): {**a, "reasons": _json(a["reasons"])} for a in approvals}
     run["why"] = _why(run)
@@ -124,7 +125,7 @@ def run_status(cfg: Config, run_id: str | None = None, entity: str | None = None
     return run
 
 
-_STAGE_ORDER = recorded_order()  # audit.stage_runs names in pipeline order
+_TASK_ORDER = {task: i for i, task in enumerate(task_ids())}  # stages by task name, in pipeline order
 
 
 # ---------------------------------------------------------------------------------------------------------

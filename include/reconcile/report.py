@@ -22,7 +22,9 @@ causes differ from the previous run's (`alert`), not every night the same thing 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+
+from .pipeline import task_ids, task_of
 
 STATUSES = ("failed", "incomplete", "awaiting_approval", "blocked", "dry_run", "success")  # worst first
 ALERTING = ("failed", "incomplete", "awaiting_approval", "blocked")
@@ -40,13 +42,27 @@ def load_stage_name(target: str) -> str:
     return f"load:{target}"
 
 
-def record_load(con, entity: str, run_id: str, target: str, outcome: dict, at) -> None:
+def record_load(con, entity: str, run_id: str, target: str, outcome: dict, at, seconds: float | None = None) -> None:
     """Record one target's load outcome (the last attempt's): `summarize` reads the stop reason from it and
     tells a load that ended incomplete from one that crashed (`status: error`)."""
     con.execute("DELETE FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = ?",
                 [run_id, entity, load_stage_name(target)])
-    con.execute("INSERT INTO audit.stage_runs (run_id, entity, stage, finished_at, result) VALUES (?, ?, ?, ?, ?)",
-                [run_id, entity, load_stage_name(target), at, json.dumps(outcome, default=str)])
+    con.execute("INSERT INTO audit.stage_runs (run_id, entity, stage, finished_at, result, seconds) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [run_id, entity, load_stage_name(target), at, json.dumps(outcome, default=str), seconds])
+
+
+def stage_seconds(con, entity: str, run_id: str, timed: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Seconds per stage, in pipeline order, keyed by task name (`extract:<system>`, `validate:<system>` and
+    `load:<target>` for the per-system ones): what the stages recorded in audit.stage_runs, plus `timed`, the
+    timings a process that ran the stages itself measured (the CLI's `run_entity`; on Airflow the task
+    durations are Airflow's own)."""
+    recorded = {task_of(stage): s for stage, s in con.execute(
+        "SELECT stage, seconds FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND seconds IS NOT NULL",
+        [run_id, entity]).fetchall()}
+    merged = {**recorded, **(timed or {})}
+    order = {task: i for i, task in enumerate(task_ids())}
+    return {k: round(merged[k], 3) for k in sorted(merged, key=lambda k: (order.get(k.split(":")[0], len(order)), k))}
 
 
 def _results(con, entity: str, run_id: str) -> dict[str, dict]:

@@ -332,17 +332,19 @@ def load_changes(cfg: Config, entity: str, run_id: str, target: str,
     """Apply one target's approved changes in batches (resumable: call again after a crash). The outcome is
     recorded for the run's status (an incomplete load: `report`); meanwhile this process owns the run."""
     url = resolve_url(cfg, target, url_overrides)
+    t0 = time.monotonic()
     with open_work(cfg) as con:
         before = _set_owner(con, entity, run_id, owner_id())
         try:
             result = load_stage.load_target(con, cfg, entity, target, run_id, url, progress)
         except Exception as e:
             report.record_load(con, entity, run_id, target, {"target": target, "status": "error", "error": str(e)},
-                               utc_naive(datetime.now(timezone.utc)))
+                               utc_naive(datetime.now(timezone.utc)), round(time.monotonic() - t0, 3))
             raise
         finally:
             _set_owner(con, entity, run_id, before)
-        report.record_load(con, entity, run_id, target, result, utc_naive(datetime.now(timezone.utc)))
+        report.record_load(con, entity, run_id, target, result, utc_naive(datetime.now(timezone.utc)),
+                           round(time.monotonic() - t0, 3))
     progress(f"  load {target}: {result['status']}, {result['applied']} applied, {result['failed']} failed, "
              f"{result['skipped_conflict']} skipped as conflicts{'; ' + result['reason'] if result.get('reason') else ''}")
     return result
@@ -462,15 +464,17 @@ def purge_erased(cfg: Config, entity: str, run_id: str, progress: Progress = _qu
 
 def finish_run(cfg: Config, entity: str, run_id: str, error: str | None = None,
                failed_tasks: Iterable[tuple[str, str | None, str]] = (), recovered_by: str | None = None,
-               progress: Progress = _quiet) -> dict:
+               timings: Mapping[str, float] | None = None, progress: Progress = _quiet) -> dict:
     """Record the run's status and summary in audit.runs (the rules: `reconcile.report`), publish the warehouse
     for analysts, return the summary. `error`: the run crashed; `failed_tasks`: an orchestrator's tasks that did
     not succeed, as (task, system or None, state); `recovered_by`: the run that found this one abandoned and
-    finished it (kept when the run is finished again). The summary's `alert` is what to tell a person, or None."""
+    finished it (kept when the run is finished again); `timings`: seconds per stage this process measured
+    (`report.stage_seconds`). The summary's `alert` is what to tell a person, or None."""
     with open_work(cfg) as con:
         if con.execute("SELECT 1 FROM audit.runs WHERE run_id = ? AND entity = ?", [run_id, entity]).fetchone() is None:
             raise ReconcileError(f"run {run_id!r} of {entity!r} is unknown: it never began")
         summary = report.summarize(con, cfg, entity, run_id, error=error, failed_tasks=failed_tasks)
+        summary["stages"] = report.stage_seconds(con, entity, run_id, timings)
         _sync_health_counts(con, cfg, entity, run_id)
         if summary["status"] == "dry_run":
             summary["assessment"] = _assessment(con, entity, run_id)
@@ -527,15 +531,25 @@ def run_entity(cfg: Config, entity: str, run_id: str | None = None, run_at: date
     run_at = utc_naive(run_at or datetime.now(timezone.utc))
     run_id = run_id or new_run_id(run_at)
     t0 = time.monotonic()
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn, *args, **kwargs):
+        started = time.monotonic()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timings[name] = time.monotonic() - started
+
     progress(f"run {run_id}: entity {entity}")
-    manifest = begin_run(cfg, entity, run_id, run_at, full=full, url_overrides=url_overrides, hold=True,
-                         progress=progress)
+    manifest = timed("begin_run", begin_run, cfg, entity, run_id, run_at, full=full, url_overrides=url_overrides,
+                     hold=True, progress=progress)
     systems = sorted(manifest["systems"])
 
     def extract_all() -> None:
         # Threads are enough: extraction waits on the source databases, and writes only Parquet.
         with ThreadPoolExecutor(max_workers=min(4, len(systems)) or 1) as pool:
-            futures = [pool.submit(extract_system, cfg, entity, s, run_id, url_overrides, progress) for s in systems]
+            futures = [pool.submit(timed, f"extract:{s}", extract_system, cfg, entity, s, run_id, url_overrides,
+                                   progress) for s in systems]
             for f in futures:
                 r = f.result()
                 progress(f"  {r['system']}: {r['rows']} rows extracted ({r['mode']})")
@@ -549,7 +563,8 @@ def run_entity(cfg: Config, entity: str, run_id: str | None = None, run_at: date
 
     steps = {  # stages whose call differs from `stage(cfg, entity, run_id, progress=progress)`
         "extract_system": extract_all,
-        "validate_system": lambda: [validate_system(cfg, entity, s, run_id, progress) for s in systems],
+        "validate_system": lambda: [timed(f"validate:{s}", validate_system, cfg, entity, s, run_id, progress)
+                                    for s in systems],
         "plan_changes": lambda: plan_changes(cfg, entity, run_id, dry_run=dry_run, approve=approve,
                                              progress=progress),
         "load_changes": load_all,
@@ -557,10 +572,12 @@ def run_entity(cfg: Config, entity: str, run_id: str | None = None, run_at: date
 
     def run(stage) -> None:
         step = steps.get(stage.function)
-        if step is None:
+        if step is not None:
+            step()
+        elif stage.recorded:  # times itself in audit.stage_runs
             globals()[stage.function](cfg, entity, run_id, progress=progress)
         else:
-            step()
+            timed(stage.task, globals()[stage.function], cfg, entity, run_id, progress=progress)
 
     between = STAGES[1:-1]  # between begin_run and finish_run
     done, skipping = 0, False
@@ -570,14 +587,14 @@ def run_entity(cfg: Config, entity: str, run_id: str | None = None, run_at: date
                 run(stage)
             done = i + 1
             skipping = skipping or (through == "extract" and stage.function == EXTRACT_ONLY_THROUGH)
-        summary = finish_run(cfg, entity, run_id, progress=progress)
+        summary = finish_run(cfg, entity, run_id, timings=timings, progress=progress)
     except BaseException as e:
         try:  # the stages that run even after a failure (an erased person's values go in any case)
             for stage in between[done + 1:]:
                 if stage.always:
                     run(stage)
         finally:
-            finish_run(cfg, entity, run_id, error=str(e) or type(e).__name__, progress=progress)
+            finish_run(cfg, entity, run_id, error=str(e) or type(e).__name__, timings=timings, progress=progress)
         raise
     summary["duration_s"] = round(time.monotonic() - t0, 2)
     if manifest.get("recovered"):

@@ -148,3 +148,27 @@ def wh_work(cfg, sql: str) -> list[tuple]:
         return con.execute(sql).fetchall()
     finally:
         con.close()
+
+
+def test_every_stage_has_its_seconds_in_the_summary_in_audit_runs_and_in_run_status(tmp_path):
+    from reconcile import pipeline, queries
+
+    path = make(tmp_path)
+    cfg = load_config(path)
+    s = runner.run_entity(cfg, "contact", run_id="r1")
+    systems = sorted(cfg.entities["contact"].sources)
+    expected = (["begin_run"] + [f"extract:{x}" for x in systems] + ["load_staging"]
+                + [f"validate:{x}" for x in systems]
+                + ["apply_gates", "resolve_identity", "build_golden", "guard_collisions", "plan_changes"]
+                + [f"load:{t}" for t in s["changes"]] + ["purge_erased"])
+    assert list(s["stages"]) == expected  # pipeline order, task names
+    assert all(isinstance(v, float) and v >= 0 for v in s["stages"].values())
+    assert [t for t in pipeline.task_ids() if t not in {k.split(":")[0] for k in s["stages"]}] == ["finish_run"]
+    stored = json.loads(wh(cfg, "SELECT summary FROM audit.runs WHERE run_id = 'r1'")[0][0])
+    assert stored["stages"] == s["stages"]
+    # The stages that record a result also keep their own seconds (what an Airflow run's summary shows).
+    recorded = dict(wh(cfg, "SELECT stage, seconds FROM audit.stage_runs WHERE run_id = 'r1'"))
+    assert set(recorded) >= {"extract", "gates", "identity", "golden", "guard", "plan"}
+    assert all(v is not None and v >= 0 for v in recorded.values())
+    shown = queries.run_status(cfg, "r1")["stages"]
+    assert [x["stage"] for x in shown] == expected and all(x["seconds"] is not None for x in shown)

@@ -87,15 +87,18 @@ def once(con, run_id: str, entity: str, stage: str, run_at, body) -> dict:
     (audit.stage_runs) and changes nothing; a failure rolls the whole stage back.
     """
     import json
+    import time
 
     done = con.execute("SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = ?",
                        [run_id, entity, stage]).fetchone()
     if done:
         return json.loads(done[0])
+    t0 = time.monotonic()
     with transaction(con):
         result = body()
-        con.execute("INSERT INTO audit.stage_runs (run_id, entity, stage, finished_at, result) VALUES (?, ?, ?, ?, ?)",
-                    [run_id, entity, stage, run_at, json.dumps(result, default=str)])
+        con.execute("INSERT INTO audit.stage_runs (run_id, entity, stage, finished_at, result, seconds) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [run_id, entity, stage, run_at, json.dumps(result, default=str), round(time.monotonic() - t0, 3)])
     return result
 
 

@@ -26,6 +26,7 @@ TABLES = [
         stage VARCHAR NOT NULL,
         finished_at TIMESTAMP NOT NULL,
         result JSON,
+        seconds DOUBLE,                   -- wall-clock seconds the stage took (the attempt that recorded it)
         PRIMARY KEY (run_id, entity, stage)
     )""",
     """CREATE TABLE IF NOT EXISTS audit.extracts (
