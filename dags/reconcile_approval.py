@@ -48,6 +48,16 @@ def follow(states: Mapping[str, str]) -> list[str]:
     return [LOAD_TASK, APPROVAL_TASK] if "awaiting_approval" in states.values() else [LOAD_TASK]
 
 
+def branch(cfg, entity: str, run_id: str, plan: Mapping[str, Any]) -> tuple[list[str], dict[str, Any] | None]:
+    """What `check_approval` follows (`follow`) and, when a load waits for approval, its request (subject and
+    body, `approval_request`); `plan`: plan_changes' result."""
+    from reconcile import runner
+
+    states = runner.targets_to_load(cfg, entity, run_id)
+    tasks = follow(states)
+    return tasks, (approval_request(cfg, entity, run_id, plan, states) if APPROVAL_TASK in tasks else None)
+
+
 def _cell(value: Any, width: int = 48) -> str:
     text = "" if value is None else str(value).replace("\n", " ").replace("|", "\\|")
     return text if len(text) <= width else text[: width - 1] + "…"

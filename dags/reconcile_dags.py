@@ -295,15 +295,11 @@ def build_dag(cfg: Config, entity: str):
         def check_approval() -> list[str]:
             """`load` always; `approve_load` only when a target's load waits for approval."""
             import reconcile_approval
-            from reconcile import runner
 
             ctx = get_current_context()
-            run_id = ctx["run_id"]
-            states = runner.targets_to_load(cfg, entity, run_id)
-            follow = reconcile_approval.follow(states)
-            if reconcile_approval.APPROVAL_TASK in follow:
-                request = reconcile_approval.approval_request(
-                    cfg, entity, run_id, ctx["ti"].xcom_pull(task_ids="plan_changes") or {}, states)
+            follow, request = reconcile_approval.branch(cfg, entity, ctx["run_id"],
+                                                        ctx["ti"].xcom_pull(task_ids="plan_changes") or {})
+            if request:
                 ctx["ti"].xcom_push(key="approval", value=request)
             return follow
 
