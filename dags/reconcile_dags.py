@@ -242,12 +242,13 @@ def build_dag(cfg: Config, entity: str):
 
             ctx = get_current_context()
             result = runner.validate_system(cfg, entity, system, ctx["run_id"], progress=log.info)
-            if result["errors"]:  # already saved for apply_gates: fail visibly, without a retry, and alert
+            if result["errors"]:  # already saved for apply_gates: fail visibly, without a retry
                 message = (f"error gate(s) failed on staging.{system}__{entity}: {', '.join(result['errors'])}; "
                            f"writes depending on {system} are blocked")
-                ReconcileAlert("gates_failed", message, {"entity": entity, "system": system,
-                                                         "failed": result["errors"],
-                                                         "warnings": result["warnings"]})(ctx)
+                if result["new_errors"]:  # alert on news only: a gate failing night after night alerted once
+                    ReconcileAlert("gates_failed", message, {"entity": entity, "system": system,
+                                                             "failed": result["errors"], "new": result["new_errors"],
+                                                             "warnings": result["warnings"]})(ctx)
                 raise AirflowFailException(message)
             return result
 

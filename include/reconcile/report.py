@@ -305,6 +305,18 @@ def summarize(con, cfg, entity: str, run_id: str, error: str | None = None,
     return summary
 
 
+def standing_gate_errors(con, entity: str, system: str, run_id: str) -> set[str]:
+    """The error gates that failed on this system's table in the entity's previous validated run: a gate that
+    fails again is standing (the task still fails; no new alert), one that did not is news."""
+    return {e for (e,) in con.execute("""
+        SELECT expectation FROM audit.quality_results
+        WHERE entity = $e AND system = $s AND NOT success AND severity = 'error' AND run_id = (
+            SELECT q.run_id FROM audit.quality_results q
+            JOIN audit.runs r ON r.run_id = q.run_id AND r.entity = q.entity
+            WHERE q.entity = $e AND q.system = $s AND q.run_id <> $r ORDER BY r.started_at DESC LIMIT 1)""",
+                                      {"e": entity, "s": system, "r": run_id}).fetchall()}
+
+
 def alert(summary: dict, previous: dict | None) -> dict | None:
     """The alert a finished run raises, or None: only when its status needs a person (failed, incomplete,
     awaiting_approval, blocked) and it differs from the previous run's status or has a cause that run had not.

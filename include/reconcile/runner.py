@@ -198,7 +198,8 @@ def docs_dir(cfg: Config, run_id: str) -> Path:
 def validate_system(cfg: Config, entity: str, system: str, run_id: str, progress: Progress = _quiet) -> dict:
     """Run the quality suite on one staging table (read-only: tables validate in parallel).
 
-    The outcome is saved in the run folder for `apply_gates`; returns it, including which error gates failed.
+    The outcome is saved in the run folder for `apply_gates`; returns it, including which error gates failed
+    (`errors`) and which of those did not fail in the previous run (`new_errors`: what to alert on).
     """
     manifest = _read_manifest(cfg, entity, run_id)
     if system not in manifest["systems"]:
@@ -208,8 +209,10 @@ def validate_system(cfg: Config, entity: str, system: str, run_id: str, progress
         result = quality_stage.validate_table(con, cfg, entity, system, run_id,
                                               datetime.fromisoformat(manifest["run_at"]),
                                               docs_dir(cfg, run_id) / system)
+        standing = report.standing_gate_errors(con, entity, system, run_id)
     RunFolder(cfg, run_id, entity).write_json(f"gates_{system}.json", result)
     result["errors"] = [r["expectation"] for r in result["results"] if not r["success"] and r["severity"] == "error"]
+    result["new_errors"] = [e for e in result["errors"] if e not in standing]  # the rest failed last run too
     result["warnings"] = [r["expectation"] for r in result["results"] if not r["success"] and r["severity"] == "warn"]
     return result
 

@@ -221,6 +221,14 @@ def test_failed_error_gate_fails_validate_alerts_and_blocks_dependent_loads(airf
     assert [a["event"] for a in _alerts(alert_file)] == ["gates_failed", "run_blocked"]
     assert "error gate picklist:lifecycle failed on" in _alerts(alert_file)[1]["message"]
 
+    # Night 2, the same gate fails again: validate fails again (the run is still red), but nothing new
+    # happened, so neither the gate nor the run alerts a second time.
+    dr2 = dag.test()
+    states2 = _task_states(dr2)
+    assert states2["validate[2]"] == "failed" and dr2.state == "failed", states2
+    assert _run_row(config, dr2.run_id)[0] == "blocked"
+    assert [a["event"] for a in _alerts(alert_file)] == ["gates_failed", "run_blocked"]
+
 
 def test_dry_run_param_writes_nothing(airflow_db, dags_for, tmp_path, monkeypatch):
     config = _demo(tmp_path / "demo")  # load.mode: apply; the param forces a dry run
