@@ -44,6 +44,13 @@ def task_ids() -> list[str]:
     return [s.task for s in STAGES]
 
 
+def in_task_order(names) -> list[str]:
+    """Stage names (task names, `<task>:<system or target>` for the per-system ones) sorted in pipeline order;
+    unknown names last."""
+    order = {task: i for i, task in enumerate(task_ids())}
+    return sorted(names, key=lambda n: (order.get(n.split(":")[0], len(order)), n))
+
+
 def task_of(recorded: str) -> str:
     """The task name of an audit.stage_runs name: `extract` -> `load_staging`, `load:<target>` stays."""
     base, sep, rest = recorded.partition(":")

@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import Config
 from .errors import ReconcileError
-from .pipeline import task_ids, task_of
+from .pipeline import in_task_order, task_of
 
 # The statuses a change can end in that mean "held back" (summed as `held` in run summaries).
 HELD_STATUSES = ("held", "blocked", "rejected")
@@ -115,17 +115,13 @@ def run_status(cfg: Config, run_id: str | None = None, entity: str | None = None
                                        [run["run_id"], run["entity"]]))
     timings = (run["summary"] or {}).get("stages") or {}  # task names, in pipeline order (report.stage_seconds)
     done = {task_of(s) for (s,) in stages}
-    order = list(timings) + sorted(done - set(timings),
-                                   key=lambda s: (_TASK_ORDER.get(s.split(":")[0], len(_TASK_ORDER)), s))
+    order = list(timings) + in_task_order(done - set(timings))
     run["stages"] = [{"stage": s, "seconds": timings.get(s), "done": s in done or s in timings} for s in order]
     run["approvals"] = {a.pop("target"): {**a, "reasons": _json(a["reasons"])} for a in approvals}
     run["why"] = _why(run)
     if run["started_at"] and run["finished_at"]:
         run["duration_s"] = round((run["finished_at"] - run["started_at"]).total_seconds(), 1)
     return run
-
-
-_TASK_ORDER = {task: i for i, task in enumerate(task_ids())}  # stages by task name, in pipeline order
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 
-from .pipeline import task_ids, task_of
+from .pipeline import in_task_order, task_of
 
 STATUSES = ("failed", "incomplete", "awaiting_approval", "blocked", "dry_run", "success")  # worst first
 ALERTING = ("failed", "incomplete", "awaiting_approval", "blocked")
@@ -61,8 +61,7 @@ def stage_seconds(con, entity: str, run_id: str, timed: Mapping[str, float] | No
         "SELECT stage, seconds FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND seconds IS NOT NULL",
         [run_id, entity]).fetchall()}
     merged = {**recorded, **(timed or {})}
-    order = {task: i for i, task in enumerate(task_ids())}
-    return {k: round(merged[k], 3) for k in sorted(merged, key=lambda k: (order.get(k.split(":")[0], len(order)), k))}
+    return {k: round(merged[k], 3) for k in in_task_order(merged)}
 
 
 def _results(con, entity: str, run_id: str) -> dict[str, dict]:

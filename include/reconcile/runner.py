@@ -23,7 +23,7 @@ from .html.datadocs import make_offline
 from .lazy import lazy_module
 from .pipeline import EXTRACT_ONLY_THROUGH, STAGES
 from .runstore import RunFolder, prune
-from .warehouse import open_work, publish, safe_name
+from .warehouse import open_work, publish, safe_name, staging_table, table_exists
 
 # Stage modules load on first use, so a CLI verb or an Airflow task imports only what it runs.
 extract_stage = lazy_module("reconcile.stages.extract")
@@ -505,8 +505,7 @@ def _sync_health_counts(con, cfg: Config, entity: str, run_id: str) -> None:
     """Identity, review and change counts per system into audit.sync_health (trends to plot and alert on)."""
     for system in sorted(cfg.entities[entity].sources):
         table = f"{system}__{entity}"
-        if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'staging' "
-                           "AND table_name = ?", [table]).fetchone()[0]:
+        if not table_exists(con, staging_table(system, entity)):
             continue
         con.execute(f"""
             UPDATE audit.sync_health SET

@@ -27,7 +27,7 @@ from datetime import datetime
 from ..config.models import Config
 from ..errors import ReconcileError
 from ..transforms import quote_ident as q, sql_literal
-from ..warehouse import once, staging_table
+from ..warehouse import once, staging_table, table_exists
 from . import identity_model, privacy
 from .identity_model import FULL_NAME, ModelSpec, match_rules, model_spec
 
@@ -71,9 +71,7 @@ def _build_records(con, cfg: Config, entity: str, spec: ModelSpec | None) -> Non
     names = _name_fields(cfg, entity)
     parts = []
     for system, source in sorted(ent.sources.items()):
-        exists = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'staging' "
-                             "AND table_name = ?", [f"{system}__{entity}"]).fetchone()[0]
-        if not exists:
+        if not table_exists(con, staging_table(system, entity)):
             continue
         cols = [f"{sql_literal(system)} AS system", "CAST(_record_key AS VARCHAR) AS record_key",
                 f"{sql_literal(system + ':')} || CAST(_record_key AS VARCHAR) AS rid",

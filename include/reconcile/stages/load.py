@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from ..config.models import Config
 from ..connectors import Writer, WriteOp, connect
 from ..connectors.base import as_text
+from ..warehouse import transaction
 from . import privacy
 
 STAGE = "load"
@@ -176,49 +177,45 @@ def _record(con, entity: str, target: str, run_id: str, outcomes: list[dict]) ->
                           columns=["change_id", "column_name", "value_hash"])
     con.register("_outcomes", frame)
     con.register("_written", ledger)
-    con.execute("BEGIN TRANSACTION")
     try:
-        con.execute("""UPDATE audit.changes c SET status = o.status, error = o.error,
-                              reason = coalesce(o.reason, c.reason),
-                              before_image = CAST(o.before_image AS JSON),
-                              applied_at = CASE WHEN o.status = 'applied' THEN ?::TIMESTAMP END,
-                              record_key = coalesce(c.record_key, o.new_key)
-                       FROM _outcomes o WHERE c.change_id = o.change_id""", [now])
-        # A record we created is ours for certain: link it now, so the next run never creates it twice.
-        con.execute("""INSERT INTO identity.xref (xid, entity, system, record_key, rule, confidence, run_id, linked_at)
-                       SELECT c.xid, c.entity, c.target, c.record_key, 'created', 1.0, c.run_id, ?
-                       FROM audit.changes c JOIN _outcomes o USING (change_id)
-                       WHERE c.operation = 'create' AND o.status = 'applied' AND c.record_key IS NOT NULL
-                       ON CONFLICT DO NOTHING""", [now])
-        con.execute("""INSERT INTO identity.xref_history (entity, xid, system, record_key, action, rule, confidence,
-                                                          previous_xid, run_id, changed_at, note)
-                       SELECT c.entity, c.xid, c.target, c.record_key, 'link', 'created', 1.0, NULL, c.run_id, ?,
-                              'created by reconcile'
-                       FROM audit.changes c JOIN _outcomes o USING (change_id)
-                       WHERE c.operation = 'create' AND o.status = 'applied' AND c.record_key IS NOT NULL""", [now])
-        con.execute("""INSERT INTO audit.write_ledger (entity, target, record_key, column_name, value_hash,
-                                                      change_id, run_id, written_at)
-                       SELECT ?, ?, coalesce(c.record_key, ''), w.column_name, w.value_hash, w.change_id, ?, ?
-                       FROM _written w JOIN audit.changes c USING (change_id)""", [entity, target, run_id, now])
-        # A create the target refused because the record exists there (HubSpot's 409): the existing record
-        # waits in review as a link candidate for the identity (`reconcile review decide link` takes it).
-        con.execute("""INSERT INTO review.items (item_id, entity, kind, system, status, title, details,
-                                                 first_seen_run, last_seen_run, created_at, updated_at)
-                       SELECT md5(concat_ws('|', 'link_candidate', c.entity, c.target, c.xid, o.existing_key)),
-                              c.entity, 'link_candidate', c.target, 'open',
-                              c.target || ' already holds record ' || coalesce(o.existing_key, '?') ||
-                              ': is it ' || c.xid || '?',
-                              json_object('system', c.target, 'record_key', o.existing_key,
-                                          'candidates', json_array(json_object('xid', c.xid)),
-                                          'message', o.error, 'change_id', c.change_id, 'values', c.after_raw),
-                              c.run_id, c.run_id, ?, ?
-                       FROM audit.changes c JOIN _outcomes o USING (change_id) WHERE o.status = 'held'
-                       ON CONFLICT (item_id) DO UPDATE SET last_seen_run = excluded.last_seen_run,
-                              updated_at = excluded.updated_at""", [now, now])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+        with transaction(con):
+            con.execute("""UPDATE audit.changes c SET status = o.status, error = o.error,
+                                  reason = coalesce(o.reason, c.reason),
+                                  before_image = CAST(o.before_image AS JSON),
+                                  applied_at = CASE WHEN o.status = 'applied' THEN ?::TIMESTAMP END,
+                                  record_key = coalesce(c.record_key, o.new_key)
+                           FROM _outcomes o WHERE c.change_id = o.change_id""", [now])
+            # A record we created is ours for certain: link it now, so the next run never creates it twice.
+            con.execute("""INSERT INTO identity.xref (xid, entity, system, record_key, rule, confidence, run_id, linked_at)
+                           SELECT c.xid, c.entity, c.target, c.record_key, 'created', 1.0, c.run_id, ?
+                           FROM audit.changes c JOIN _outcomes o USING (change_id)
+                           WHERE c.operation = 'create' AND o.status = 'applied' AND c.record_key IS NOT NULL
+                           ON CONFLICT DO NOTHING""", [now])
+            con.execute("""INSERT INTO identity.xref_history (entity, xid, system, record_key, action, rule, confidence,
+                                                              previous_xid, run_id, changed_at, note)
+                           SELECT c.entity, c.xid, c.target, c.record_key, 'link', 'created', 1.0, NULL, c.run_id, ?,
+                                  'created by reconcile'
+                           FROM audit.changes c JOIN _outcomes o USING (change_id)
+                           WHERE c.operation = 'create' AND o.status = 'applied' AND c.record_key IS NOT NULL""", [now])
+            con.execute("""INSERT INTO audit.write_ledger (entity, target, record_key, column_name, value_hash,
+                                                          change_id, run_id, written_at)
+                           SELECT ?, ?, coalesce(c.record_key, ''), w.column_name, w.value_hash, w.change_id, ?, ?
+                           FROM _written w JOIN audit.changes c USING (change_id)""", [entity, target, run_id, now])
+            # A create the target refused because the record exists there (HubSpot's 409): the existing record
+            # waits in review as a link candidate for the identity (`reconcile review decide link` takes it).
+            con.execute("""INSERT INTO review.items (item_id, entity, kind, system, status, title, details,
+                                                     first_seen_run, last_seen_run, created_at, updated_at)
+                           SELECT md5(concat_ws('|', 'link_candidate', c.entity, c.target, c.xid, o.existing_key)),
+                                  c.entity, 'link_candidate', c.target, 'open',
+                                  c.target || ' already holds record ' || coalesce(o.existing_key, '?') ||
+                                  ': is it ' || c.xid || '?',
+                                  json_object('system', c.target, 'record_key', o.existing_key,
+                                              'candidates', json_array(json_object('xid', c.xid)),
+                                              'message', o.error, 'change_id', c.change_id, 'values', c.after_raw),
+                                  c.run_id, c.run_id, ?, ?
+                           FROM audit.changes c JOIN _outcomes o USING (change_id) WHERE o.status = 'held'
+                           ON CONFLICT (item_id) DO UPDATE SET last_seen_run = excluded.last_seen_run,
+                                  updated_at = excluded.updated_at""", [now, now])
     finally:
         con.unregister("_outcomes")
         con.unregister("_written")
