@@ -31,7 +31,9 @@ from .warehouse import safe_name
 def _filesystem(cfg: Config) -> tuple[fsspec.AbstractFileSystem, str]:
     location = cfg.runs_location
     try:
-        fs, root = fsspec.core.url_to_fs(location)
+        # No listings cache: other workers add files all the time, and a long-lived worker process (a Celery
+        # child runs task after task) would otherwise believe a cached listing that misses them.
+        fs, root = fsspec.core.url_to_fs(location, use_listings_cache=False)
     except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs installed
         raise ReconcileError(f"runs_url {location!r} cannot be opened: {e}") from None
     return fs, root.rstrip("/")
@@ -148,7 +150,8 @@ def prune(cfg: Config, entity: str, keep: int, current_run_id: str) -> None:
     current = f"{root}/{safe_name(current_run_id)}/{entity}"
     folders = [f"{run.rstrip('/')}/{entity}" for run in fs.ls(root, detail=False)]
     folders = [f for f in folders if f != current and fs.isdir(f)]
-    folders.sort(key=lambda f: _newest(fs, f), reverse=True)
+    # Newest first; equal times (S3 keeps seconds) by run id, newest first too: never a newer run for an older.
+    folders.sort(key=lambda f: (_newest(fs, f), f), reverse=True)
     for folder in folders[max(keep - 1, 0):]:
         fs.rm(folder, recursive=True)
         parent = folder.rsplit("/", 1)[0]
