@@ -118,6 +118,34 @@ def lineage_tables(datasets: list[Dataset]) -> list[Table]:
             for d in datasets]
 
 
+def with_column_lineage(operator, datasets: list[Dataset]) -> None:
+    """Column lineage for a task's OpenLineage COMPLETE event: the provider asks an operator for
+    `get_openlineage_facets_on_complete` (its "OpenLineage methods"); this one returns the task's inlets and
+    outlets as datasets (as the provider would), each output with `sources` (reconcile.lineage) carrying a
+    `columnLineage` facet: output column <- input columns. OpenLineage is imported when the event is built,
+    never at parse time."""
+    sources = {(d.namespace, d.name): d.sources for d in datasets if d.sources}
+
+    def get_openlineage_facets_on_complete(task_instance):
+        from airflow.providers.openlineage.extractors import OperatorLineage
+        from airflow.providers.openlineage.extractors.manager import ExtractorManager
+        from openlineage.client.facet_v2 import column_lineage_dataset as cl
+
+        inputs = [d for d in map(ExtractorManager.convert_to_ol_dataset, operator.inlets) if d]
+        outputs = [d for d in map(ExtractorManager.convert_to_ol_dataset, operator.outlets) if d]
+        for out in outputs:
+            if (out.namespace, out.name) in sources:
+                out.facets["columnLineage"] = cl.ColumnLineageDatasetFacet(fields={
+                    column: cl.Fields(inputFields=[
+                        cl.InputField(namespace=s.namespace, name=s.name, field=s.field, transformations=[
+                            cl.Transformation(type="DIRECT", subtype=s.subtype, description=s.description)])
+                        for s in columns])
+                    for column, columns in sources[(out.namespace, out.name)]})
+        return OperatorLineage(inputs=inputs, outputs=outputs)
+
+    operator.get_openlineage_facets_on_complete = get_openlineage_facets_on_complete
+
+
 def _connection_urls(cfg: Config, system: str) -> dict[str, str] | None:
     """URL of a system configured as an Airflow connection, looked up at run time (never logged)."""
     conn_id = cfg.systems[system].connection
@@ -189,8 +217,9 @@ def build_dag(cfg: Config, entity: str):
     per_system = {"map_index_template": "{{ task.op_kwargs['system'] }}"}
     per_target = {"map_index_template": "{{ task.op_kwargs['target'] }}", **warehouse}
     # OpenLineage: what each task reads and writes (systems and warehouse tables), beside the Assets.
+    datasets = task_lineage(cfg, entity)
     lineage = {t: {"inlets": lineage_tables(io["inputs"]), "outlets": lineage_tables(io["outputs"])}
-               for t, io in task_lineage(cfg, entity).items()}
+               for t, io in datasets.items()}
 
     @dag(
         dag_id=f"reconcile_{entity}",
@@ -369,6 +398,8 @@ def build_dag(cfg: Config, entity: str):
                  "resolve_identity": resolve_identity(), "build_golden": build_golden(),
                  "guard_collisions": guard_collisions(), "plan_changes": plan_changes(),
                  "load": load.expand(target=systems), "purge_erased": purge_erased(), "finish_run": finish_run()}
+        for name in ("load_staging", "build_golden"):  # staging columns <- source columns; golden fields <- them
+            with_column_lineage(tasks[name].operator, datasets[name]["outputs"])
         order = task_ids()
         if set(order) != set(tasks):
             raise RuntimeError(f"reconcile_{entity}: the DAG's tasks {sorted(tasks)} do not match "

@@ -3,8 +3,11 @@
 `task_lineage(cfg, entity)` describes, per Airflow task id, its input and output datasets: the business
 systems' source tables (namespace `reconcile://<system>`; connection details stay out of it, they may be
 secrets) and the warehouse tables (namespace `duckdb://<published warehouse path>`, name `<schema>.<table>`),
-with the golden table's columns saying where each golden field comes from (owner, fallbacks, strategy). The
-DAG turns these into OpenLineage datasets (Airflow's OpenLineage provider emits them with every task event).
+with the golden table's columns saying where each golden field comes from (owner, fallbacks, strategy).
+Column lineage: each column of a staging table comes from its system's source column, each golden field from
+the source columns of the systems that may supply it (`Dataset.sources`), which the DAG emits as OpenLineage's
+`columnLineage` facet. The DAG turns these into OpenLineage datasets (Airflow's OpenLineage provider emits them
+with every task event).
 Plain values only: reads the config, never Airflow, the warehouse or a system. Called by dags/reconcile_dags.py.
 """
 from __future__ import annotations
@@ -12,6 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config.models import Config
+
+
+@dataclass(frozen=True)
+class ColumnSource:
+    """A column another dataset's column is computed from: dataset (namespace, name), field, how."""
+
+    namespace: str
+    name: str
+    field: str
+    subtype: str       # OpenLineage's DIRECT transformation subtype: IDENTITY (copied) or TRANSFORMATION
+    description: str   # e.g. "owner (transform: email)", "fallback 1"
 
 
 @dataclass(frozen=True)
@@ -23,6 +37,11 @@ class Dataset:
     table: str
     description: str | None = None
     columns: tuple[tuple[str, str, str | None], ...] = field(default=())  # (name, type, description)
+    sources: tuple[tuple[str, tuple[ColumnSource, ...]], ...] = field(default=())  # column -> where from
+
+    @property
+    def name(self) -> str:
+        return f"{self.database}.{self.table}"
 
 
 def system_dataset(cfg: Config, entity: str, system: str) -> Dataset:
@@ -35,9 +54,36 @@ def system_dataset(cfg: Config, entity: str, system: str) -> Dataset:
 
 
 def warehouse_dataset(cfg: Config, table: str, description: str | None = None,
-                      columns: tuple[tuple[str, str, str | None], ...] = ()) -> Dataset:
+                      columns: tuple[tuple[str, str, str | None], ...] = (),
+                      sources: tuple[tuple[str, tuple[ColumnSource, ...]], ...] = ()) -> Dataset:
     schema, name = table.split(".", 1)
-    return Dataset(f"duckdb://{cfg.warehouse_path}", schema, name, description=description, columns=columns)
+    return Dataset(f"duckdb://{cfg.warehouse_path}", schema, name, description=description, columns=columns,
+                   sources=sources)
+
+
+def _source_column(cfg: Config, entity: str, system: str, name: str, role: str) -> ColumnSource:
+    """The source column of `system` that field `name` of `entity` is read from; `role` says why it is used."""
+    source = system_dataset(cfg, entity, system)
+    mapping = cfg.entities[entity].sources[system].fields[name]
+    if mapping.transform is None:
+        return ColumnSource(source.namespace, source.name, mapping.column, "IDENTITY", role)
+    return ColumnSource(source.namespace, source.name, mapping.column, "TRANSFORMATION",
+                        f"{role} (transform: {mapping.transform})")
+
+
+def golden_sources(cfg: Config, entity: str) -> tuple[tuple[str, tuple[ColumnSource, ...]], ...]:
+    """Each golden field's source columns: those of the systems that may supply its value (`candidate_systems`:
+    the owner, then fallbacks or the strategy's priority) and map it; `xid` comes from identity.xref."""
+    ent = cfg.entities[entity]
+    xref = warehouse_dataset(cfg, "identity.xref")
+    out = [("xid", (ColumnSource(xref.namespace, xref.name, "xid", "IDENTITY", "cross-system id of the linked records"),))]
+    for name, spec in ent.fields.items():
+        mapped = sorted(s for s, src in ent.sources.items() if name in src.fields)
+        systems = [s for s in spec.candidate_systems(mapped) if s in mapped]
+        roles = {spec.owner: "owner", **{s: f"fallback {i}" for i, s in enumerate(spec.fallback, 1)}}
+        out.append((name, tuple(_source_column(cfg, entity, s, name, f"{roles.get(s, 'candidate')}; strategy "
+                                                                     f"{spec.strategy}") for s in systems)))
+    return tuple(out)
 
 
 def _provenance(cfg: Config, entity: str, name: str) -> str:
@@ -61,11 +107,14 @@ def task_lineage(cfg: Config, entity: str) -> dict[str, dict[str, list[Dataset]]
     sources = [system_dataset(cfg, entity, s) for s in systems]
     staging = [warehouse_dataset(cfg, f"staging.{s}__{entity}", f"{entity} records staged from {s}",
                                  tuple((f, ent.fields[f].type, f"{s} column {m.column}")
-                                       for f, m in ent.sources[s].fields.items() if f in ent.fields))
+                                       for f, m in ent.sources[s].fields.items() if f in ent.fields),
+                                 tuple((f, (_source_column(cfg, entity, s, f, "read"),))
+                                       for f in ent.sources[s].fields if f in ent.fields))
                for s in systems]
     golden = warehouse_dataset(cfg, f"golden.{entity}", f"golden {entity} records, one per cross-system id",
                                (("xid", "string", "cross-system id (identity.xref)"),) +
-                               tuple((f, spec.type, _provenance(cfg, entity, f)) for f, spec in ent.fields.items()))
+                               tuple((f, spec.type, _provenance(cfg, entity, f)) for f, spec in ent.fields.items()),
+                               golden_sources(cfg, entity))
     lineage = warehouse_dataset(cfg, f"golden.{entity}_lineage", "which system and record each golden value came from")
     xref = warehouse_dataset(cfg, "identity.xref", "links of every system's records to cross-system ids")
     changes = warehouse_dataset(cfg, "audit.changes", "changes planned per target system, and their outcome")

@@ -264,3 +264,48 @@ def test_openlineage_datasets(dag_bag, demo_config):
     assert set(ol(dag.get_task("plan_changes").outlets)) == {(warehouse, "audit.changes")}
     assert set(ol(dag.get_task("load").inlets)) == {(warehouse, "audit.changes")}
     assert set(ol(dag.get_task("load").outlets)) <= sources and ol(dag.get_task("load").outlets)
+
+
+def _column_lineage(facet) -> dict[str, list[tuple]]:
+    """A columnLineage facet as {output column: [(namespace, dataset, column, subtype), ...]}."""
+    return {column: [(f.namespace, f.name, f.field, f.transformations[0].subtype) for f in fields.inputFields]
+            for column, fields in facet.fields.items()}
+
+
+def test_openlineage_column_lineage(dag_bag, demo_config):
+    """The provider's extractor for build_golden and load_staging (their OpenLineage methods) gives the golden
+    table a columnLineage facet: every golden field <- the source columns of the systems that may supply it
+    (owner first, then fallbacks), as the demo config maps them; staging columns <- their source column."""
+    from airflow.providers.openlineage.extractors.manager import ExtractorManager
+
+    cfg = load_config(demo_config)
+    dag = dag_bag.dags["reconcile_contact"]
+    warehouse = f"duckdb://{cfg.warehouse_path}"
+    crm, marketing, erp = ("reconcile://crm", "crm.contact"), ("reconcile://marketing", "marketing.contacts"), \
+        ("reconcile://erp", "erp.customer")
+
+    lineage = ExtractorManager()._get_extractor(dag.get_task("build_golden")).extract_on_complete(None)
+    assert {(d.namespace, d.name) for d in lineage.inputs} == {
+        (warehouse, f"staging.{s}__contact") for s in ("crm", "erp", "marketing")} | {(warehouse, "identity.xref")}
+    outputs = {(d.namespace, d.name): d for d in lineage.outputs}
+    assert set(outputs) == {(warehouse, "golden.contact"), (warehouse, "golden.contact_lineage")}
+    golden = outputs[(warehouse, "golden.contact")]
+    assert "schema" in golden.facets  # the table-level facets are kept
+    columns = _column_lineage(golden.facets["columnLineage"])
+    assert set(columns) == {"xid", *cfg.entities["contact"].fields}
+    assert columns["xid"] == [(warehouse, "identity.xref", "xid", "IDENTITY")]
+    assert columns["email"] == [(*crm, "emailaddress1", "TRANSFORMATION")]  # owner crm, no fallback
+    assert columns["phone"] == [(*marketing, "phone", "TRANSFORMATION"), (*crm, "telephone1", "TRANSFORMATION")]
+    assert columns["company"] == [(*crm, "companyname", "TRANSFORMATION"), (*erp, "company_name", "TRANSFORMATION")]
+    assert columns["billing_city"] == [(*erp, "billing_city", "TRANSFORMATION")]
+    assert columns["email_opt_out_at"] == [(*marketing, "hs_email_optout_timestamp", "IDENTITY")]
+    phone = golden.facets["columnLineage"].fields["phone"].inputFields
+    assert [f.transformations[0].description for f in phone] == [
+        "owner; strategy owner (transform: phone)", "fallback 1; strategy owner (transform: phone)"]
+    assert "columnLineage" not in outputs[(warehouse, "golden.contact_lineage")].facets
+
+    staged = ExtractorManager()._get_extractor(dag.get_task("load_staging")).extract_on_complete(None)
+    erp_staging = {(d.namespace, d.name): d for d in staged.outputs}[(warehouse, "staging.erp__contact")]
+    columns = _column_lineage(erp_staging.facets["columnLineage"])
+    assert set(columns) == set(cfg.entities["contact"].sources["erp"].fields)
+    assert columns["billing_city"] == [(*erp, "billing_city", "TRANSFORMATION")]

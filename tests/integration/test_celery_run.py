@@ -295,6 +295,7 @@ def test_celery_run_spreads_tasks_over_two_workers_and_converges(metadata_db, tm
         assert out["namespace"] == warehouse
         fields = {f["name"]: f.get("description") for f in out["facets"]["schema"]["fields"]}
         assert fields["email"].startswith("owner crm; strategy owner; from staging.crm__contact.email")
+        assert set(out["facets"]["columnLineage"]["fields"]) == set(fields)  # each field's source columns
         extract = complete["reconcile_contact.extract"]
         assert {("reconcile://crm", "crm.contact"), ("reconcile://erp", "erp.customer")} <= {
             (d["namespace"], d["name"]) for d in extract["inputs"]}
