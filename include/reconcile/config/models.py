@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 RUNS_URL_ENV = "RECONCILE_RUNS_URL"
+MEMORY_LIMIT_ENV = "RECONCILE_DUCKDB_MEMORY_LIMIT"
+# DuckDB's own forms: a size ("4GB", "512MiB") or a share of the machine's memory ("25%").
+MEMORY_LIMIT_RE = r"^\s*[0-9]+(\.[0-9]+)?\s*(%|[KMGT]i?B|[KMGT]|B|bytes)\s*$"
 # A Celery queue name that is also usable in a task id (`extract_on_<queue>`).
 QUEUE_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 FIELD_TYPES = ("string", "boolean", "integer", "number", "date", "timestamp")
@@ -384,6 +387,16 @@ class LoadSettings(_Strict):
     pause_seconds: float = Field(default=0.0, ge=0)  # between batches (rate limiting a busy system)
 
 
+class DuckDBSettings(_Strict):
+    """`duckdb`: what every DuckDB database reconcile opens may use (see docs/configuration.md#duckdb)."""
+
+    # Per database (the warehouse, and the identity model's private one while it trains and scores). Past
+    # it DuckDB spills joins and sorts to `temp_directory` instead of growing. DuckDB's own default is 80%.
+    memory_limit: str = Field(default="25%", pattern=MEMORY_LIMIT_RE)
+    threads: int | None = Field(default=None, ge=1)          # None: one per core
+    temp_directory: str | None = None                        # None: <state folder>/tmp
+
+
 class QueueSettings(_Strict):
     """`queues`: Celery queues of the DAG's tasks (ignored by the LocalExecutor; see docs/operations.md)."""
 
@@ -406,6 +419,7 @@ class Config(_Strict):
     # (s3://bucket/prefix, gs://..., file:///shared/...) that every worker reaches. Default: the state folder.
     runs_url: str | None = None
     queues: QueueSettings = Field(default_factory=QueueSettings)
+    duckdb: DuckDBSettings = Field(default_factory=DuckDBSettings)
 
     _path: Path | None = PrivateAttr(default=None)
     _expressions_checked: bool = PrivateAttr(default=True)
@@ -432,6 +446,22 @@ class Config(_Strict):
         """Private working area beside the published warehouse: working DB, run folders, locks."""
         wp = self.warehouse_path
         return wp.parent / f".{wp.stem}.state"
+
+    def duckdb_settings(self) -> dict[str, object]:
+        """The DuckDB settings every database reconcile opens gets: `memory_limit`
+        (`$RECONCILE_DUCKDB_MEMORY_LIMIT` wins, a worker's own size), `temp_directory` (a relative path
+        resolves against the config's folder; default `<state_dir>/tmp`), `threads` when set."""
+        limit = os.environ.get(MEMORY_LIMIT_ENV) or self.duckdb.memory_limit
+        if not re.match(MEMORY_LIMIT_RE, limit):
+            from ..errors import ReconcileError
+
+            raise ReconcileError(f"{MEMORY_LIMIT_ENV}={limit!r}: not a DuckDB memory limit (e.g. 4GB, 512MiB, 25%)")
+        spill = Path(self.duckdb.temp_directory).expanduser() if self.duckdb.temp_directory else self.state_dir / "tmp"
+        out: dict[str, object] = {"memory_limit": limit.strip(),
+                                  "temp_directory": str(spill if spill.is_absolute() else (self.base_dir / spill).resolve())}
+        if self.duckdb.threads:
+            out["threads"] = self.duckdb.threads
+        return out
 
     def system_kind(self, name: str) -> str:
         """`sql`, `files` or the API kind (`hubspot`, `dynamics`) of a system."""

@@ -29,7 +29,7 @@ from ..errors import ReconcileError
 from ..transforms import register_functions, sql_literal
 from .ddl import ensure_schema
 
-__all__ = ["compact", "once", "open_work", "publish", "open_published", "ensure_schema", "safe_name", "staging_table",
+__all__ = ["compact", "connect", "once", "open_work", "publish", "open_published", "ensure_schema", "safe_name", "staging_table",
            "table_exists", "transaction", "SQL_TYPES", "upsert_review_items"]
 
 # Canonical field type -> DuckDB column type (staging, golden, collision identities).
@@ -37,6 +37,14 @@ SQL_TYPES = {"string": "VARCHAR", "boolean": "BOOLEAN", "integer": "BIGINT", "nu
              "timestamp": "TIMESTAMP"}
 
 LOCK_WAIT_SECONDS = 1800
+
+
+def connect(cfg: Config, path: str | Path = ":memory:", read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """A DuckDB database with the config's resource settings (`duckdb:` memory limit, spill folder, threads):
+    past the limit DuckDB spills to the state folder instead of growing until the machine runs out."""
+    settings = cfg.duckdb_settings()
+    Path(settings["temp_directory"]).mkdir(parents=True, exist_ok=True)
+    return duckdb.connect(str(path), read_only=read_only, config=settings)
 
 
 def staging_table(system: str, entity: str) -> str:
@@ -150,7 +158,7 @@ def open_work(cfg: Config, wait: float = LOCK_WAIT_SECONDS,
     with _lock(state / "work.lock", wait, shared=read_only):
         if read_only and not (state / "work.duckdb").exists():
             raise ReconcileError(f"no working warehouse at {state / 'work.duckdb'} yet: nothing has been extracted")
-        con = duckdb.connect(str(state / "work.duckdb"), read_only=read_only)
+        con = connect(cfg, state / "work.duckdb", read_only=read_only)
         try:
             con.execute("SET TimeZone = 'UTC'")
             register_functions(con)
@@ -175,7 +183,7 @@ def publish(cfg: Config, entity: str | None = None, wait: float = LOCK_WAIT_SECO
     with _lock(cfg.state_dir / "work.lock", wait):
         if not work.exists():
             raise ReconcileError(f"nothing to publish: {work} does not exist yet (run `reconcile run` first)")
-        con = duckdb.connect(str(work))
+        con = connect(cfg, work)
         try:
             con.execute("CHECKPOINT")
         finally:
@@ -205,7 +213,7 @@ def compact(cfg: Config, wait: float = LOCK_WAIT_SECONDS) -> Path:
             raise ReconcileError(f"nothing to compact: {work} does not exist yet")
         for leftover in (fresh, fresh.with_name(fresh.name + ".wal")):
             leftover.unlink(missing_ok=True)
-        con = duckdb.connect(str(fresh))
+        con = connect(cfg, fresh)
         try:
             con.execute(f"ATTACH {sql_literal(str(work))} AS old_work")
             con.execute("COPY FROM DATABASE old_work TO work_compact")
@@ -235,7 +243,7 @@ def _tables(con, database: str) -> set[str]:
 def _keep_published(cfg: Config, copy: Path, previous: Path, entity: str | None) -> None:
     """In `copy` (of the working database), put back the previously published state of every entity, other
     than `entity`, whose run is in progress: its rows in tables with an `entity` column, its own tables."""
-    con = duckdb.connect(str(copy))
+    con = connect(cfg, copy)
     try:
         running = [e for (e,) in con.execute(
             "SELECT DISTINCT entity FROM audit.runs WHERE status = 'running' AND entity IS DISTINCT FROM ? "
@@ -272,4 +280,4 @@ def open_published(cfg: Config) -> duckdb.DuckDBPyConnection:
     path = cfg.warehouse_path
     if not path.exists():
         raise ReconcileError(f"no warehouse at {path} yet: run `reconcile run --config {cfg.path}` first")
-    return duckdb.connect(str(path), read_only=True)
+    return connect(cfg, path, read_only=True)
