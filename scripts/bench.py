@@ -13,7 +13,8 @@ Four nights on the generated systems, in one process, every stage in order as th
 The demo's config gets `extract: {overlap_minutes: 0}` (generated rows all carry the generation time, so
 an overlap would re-read them every night). Prints one line per stage and night (seconds, rows), then a
 table of seconds per stage and night with each night's peak RSS, and the ratios quiet/full and
-changed/full. Figures are in docs/operations.md (sizing).
+changed/full, then each warehouse stage of the full night against the join floor (a plain DuckDB join of
+every staged record to its xid over the same tables). Figures are in docs/operations.md (sizing).
 
 With --identity (`make bench BENCH_ARGS="--identity --people 100000"`): identity resolution only, measured
 against the demo's answer key (pairwise precision and recall of automatic links, review items as a share
@@ -142,7 +143,11 @@ def main() -> None:
             peaks[night] = _peak_rss_mb()
             print(f"   status {summary['status']}; changes {json.dumps(summary.get('changes', {}))}; "
                   f"peak RSS {peaks[night]:.0f} MB")
+            if night == "full":
+                floor = _join_floor(cfg, "contact")
+                print(f"join floor                   {floor:8.2f} s  (every staged record joined to its xid)")
         _table(seconds, peaks, args.people)
+        _against_floor(seconds["full"], floor)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -158,6 +163,34 @@ def _table(seconds: dict[str, dict[str, float]], peaks: dict[str, float], people
     print(f"{'peak RSS (MB)':<28}" + "".join(f"{peaks.get(n, 0):10.0f}" for n in NIGHTS))
     full = totals["full"] or 1.0
     print(f"ratios ({people} people): quiet/full {totals['quiet'] / full:.1%}, changed/full {totals['changed'] / full:.1%}")
+
+
+# The issue-11 yardstick: stages other than extract and load should cost within 10x of a plain DuckDB join over
+# the same tables. The join: every staged record of every system joined to its xid, materialised.
+FLOOR_STAGES = ("load_staging", "validate", "resolve_identity", "build_golden", "plan_changes")
+
+
+def _join_floor(cfg, entity: str) -> float:
+    from reconcile.warehouse import open_work, staging_table
+
+    with open_work(cfg) as con:
+        union = " UNION ALL BY NAME ".join(f"SELECT '{s}' AS system, * FROM {staging_table(s, entity)}"
+                                   for s in cfg.entities[entity].sources)
+        t0 = time.perf_counter()
+        con.execute(f"""CREATE TEMP TABLE _floor AS SELECT s.*, x.xid FROM ({union}) s
+                        JOIN identity.xref x ON x.entity = ? AND x.system = s.system AND x.record_key = s._record_key""",
+                    [entity])
+        took = time.perf_counter() - t0
+        con.execute("DROP TABLE _floor")
+    return took
+
+
+def _against_floor(full: dict[str, float], floor: float) -> None:
+    print(f"\nfull night against the join floor ({floor:.2f} s; target: each stage within 10x)")
+    for stage in FLOOR_STAGES:
+        took = sum(v for k, v in full.items() if k == stage or k.startswith(stage + " "))
+        ratio = took / floor if floor else float("inf")
+        print(f"{stage:<28}{took:10.2f} s {ratio:8.1f}x  {'ok' if ratio <= 10 else 'over'}")
 
 
 def _rows(out) -> str:
