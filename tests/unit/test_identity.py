@@ -1,6 +1,7 @@
 """Identity resolution on small hand-written systems: exact expectations for the field reports' situations."""
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 import duckdb
@@ -132,6 +133,29 @@ def test_first_night_links_only_certain_matches(systems):
     assert ("erp", "E1") not in links
     assert s["identity"]["by_rule"] == {"external_id:crm": 1, "match:email": 1, "minted": 7}
     assert (s["identity"]["new_xids"], s["identity"]["linked"]) == (7, 9)
+
+
+def test_every_link_on_a_shared_xid_carries_the_models_evidence_stored_ids_included(systems):
+    cfg = load_config(systems / "reconcile.yaml")
+    night(cfg, 1)
+    con = duckdb.connect(str(cfg.warehouse_path), read_only=True)
+    try:
+        rows = {(s, k): (rule, json.loads(ev) if ev else None) for s, k, rule, ev in con.execute(
+            "SELECT system, record_key, rule, evidence FROM identity.xref").fetchall()}
+    finally:
+        con.close()
+    # Pat Lee in marketing stores Katarzyna's CRM id: a link no scored pair explains (no shared blocking key,
+    # nothing in common), so it is scored on its own: a low probability, and per field why
+    rule, ev = rows[("marketing", "4")]
+    assert rule == "external_id:crm" and ev["_with"] == "crm:K" and ev["_probability"] < 0.001
+    assert ev["email"] == {"a": "pat@partner.example", "b": "kasia@nowak.example", "weight": -3.32}
+    assert ev["first_name_last_name"] == {"a": "pat lee", "b": "katarzyna nowakowska", "weight": -5.62}
+    # the CRM record it joined is explained by the same pair, seen from its side
+    assert rows[("crm", "K")][1]["_with"] == "marketing:4"
+    assert rows[("crm", "K")][1]["email"]["a"] == "kasia@nowak.example"
+    # the email link has its evidence too; records alone on their xid have nothing to compare
+    assert rows[("marketing", "2")][1]["_with"] == "crm:D" and rows[("marketing", "2")][1]["_probability"] > 0.999
+    assert {k for k, (_, ev) in rows.items() if ev is None} == {("crm", k) for k in ("A", "B", "S1", "S2", "K2")}
 
 
 def test_shared_mailbox_goes_to_review_with_both_candidates(systems):

@@ -112,6 +112,7 @@ class _Run:
         # Records with an open candidate item this run: not minted as orphans, not given a second item.
         con.execute("CREATE OR REPLACE TEMP TABLE _in_review (system VARCHAR, record_key VARCHAR)")
         self.stats = {"split": 0, "merged": 0, "decisions": 0, "pairs_scored": 0, "review_band": 0}
+        self.scoring = None  # (records, model, spec) once the match model is ready
 
     # -- links ------------------------------------------------------------------------------------------
     def link_from(self, sql: str) -> int:
@@ -455,6 +456,7 @@ def _score(r: _Run, spec: ModelSpec | None) -> None:
                           LEFT JOIN identity.xref x ON x.entity = {sql_literal(e)} AND x.system = rec.system
                                                    AND x.record_key = rec.record_key""").to_arrow_table()
     model, trained_run = _model(r, spec, records)
+    r.scoring = (records, model, spec)  # for the evidence of links no scored pair explains (_link_evidence)
     fingerprint = _fingerprint_sql(spec, trained_run)
     con.execute(f"""INSERT INTO _fresh SELECT rec.rid FROM _recs rec
                     ANTI JOIN identity.fingerprints fp ON fp.entity = {sql_literal(e)} AND fp.system = rec.system
@@ -623,23 +625,45 @@ def _keep_unchanged_duplicates(r: _Run) -> None:
 
 
 def _link_evidence(r: _Run) -> None:
-    """Links made this run by a deterministic rule carry the model's evidence too: the best scored pair (at or
-    above review_threshold) of the record with another record now on its xid (probability and weights)."""
-    e = sql_literal(r.entity)
-    r.con.execute(f"""
+    """Every link made this run carries the model's evidence: the links a deterministic rule made (stored
+    ids, exact keys, decisions, a mint the others then joined) have none yet, so every pair of records on
+    their xids is scored (whatever its probability) and each record gets its best pair with another record
+    of its xid: probability, weight, per-field weights. A record alone on its xid has nothing to compare."""
+    if r.scoring is None:
+        return
+    con, e = r.con, sql_literal(r.entity)
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE _members AS
+                    SELECT rec.rid, rec.system, rec.record_key, x.xid, x.run_id = {sql_literal(r.run_id)}
+                           AND x.evidence IS NULL AS unexplained
+                    FROM identity.xref x JOIN _recs rec USING (system, record_key)
+                    WHERE x.entity = {e} AND x.xid IN (
+                        SELECT xid FROM identity.xref WHERE entity = {e} AND run_id = {sql_literal(r.run_id)}
+                                                        AND evidence IS NULL)""")
+    pairs = con.execute("SELECT count(*) FROM _members GROUP BY xid HAVING count(*) > 1 LIMIT 1").fetchall()
+    if not pairs:
+        return
+    records, model, spec = r.scoring
+    scored = identity_model.score_groups(records, con.sql("SELECT rid, xid FROM _members").to_arrow_table(),
+                                         model, spec)
+    con.register("_grouped_arrow", scored)
+    try:
+        con.execute("""CREATE OR REPLACE TEMP TABLE _grouped AS
+                       SELECT rid_l AS rid, rid_r AS other, probability, weight, evidence FROM _grouped_arrow
+                       UNION ALL
+                       SELECT rid_r, rid_l, probability, weight, evidence_rev FROM _grouped_arrow""")
+    finally:
+        con.unregister("_grouped_arrow")
+    con.execute("""
         CREATE OR REPLACE TEMP TABLE _ev AS
-        SELECT x.system, x.record_key,
-               arg_max(json_merge_patch(CAST(p.evidence AS JSON),
-                                        json_object('_probability', p.probability, '_weight', p.weight,
-                                                    '_with', p.other_system || ':' || p.other_key)), p.probability) AS evidence
-        FROM identity.xref x
-        JOIN _pairs p ON p.system = x.system AND p.record_key = x.record_key
-        JOIN identity.xref y ON y.entity = x.entity AND y.system = p.other_system AND y.record_key = p.other_key
-                            AND y.xid = x.xid
-        WHERE x.entity = {e} AND x.run_id = {sql_literal(r.run_id)} AND x.evidence IS NULL
-        GROUP BY x.system, x.record_key""")
-    r.con.execute(f"""UPDATE identity.xref x SET evidence = ev.evidence FROM _ev ev
-                      WHERE x.entity = {e} AND x.system = ev.system AND x.record_key = ev.record_key""")
+        SELECT m.system, m.record_key,
+               arg_max(json_merge_patch(CAST(g.evidence AS JSON),
+                                        json_object('_probability', g.probability, '_weight', g.weight,
+                                                    '_with', g.other)), g.probability) AS evidence
+        FROM _members m JOIN _grouped g USING (rid)
+        WHERE m.unexplained
+        GROUP BY m.system, m.record_key""")
+    con.execute(f"""UPDATE identity.xref x SET evidence = ev.evidence FROM _ev ev
+                    WHERE x.entity = {e} AND x.system = ev.system AND x.record_key = ev.record_key""")
 
 
 def _orphans(r: _Run) -> None:

@@ -30,12 +30,16 @@ FIELD_KINDS = {
     "company": "company", "company_name": "company", "organisation": "company", "organization": "company",
     "birth_date": "exact", "date_of_birth": "exact", "postcode": "exact", "zip": "exact", "city": "fuzzy",
 }
-FULL_NAME = "_full_name"
+FULL_NAME = "_full_name"  # derived column: first and last name, for term frequencies on the whole name
 # Below this many records m stays at Splink's defaults (EM needs enough pairs to learn from; on a handful of
 # records it would only fit noise, slowly): u is still estimated, term frequencies still apply.
 MIN_EM_RECORDS = 2_000
 MIN_U_RECORDS = 1_000  # below: starting u values, no term-frequency adjustments
-EM_ITERATIONS = 10  # derived column: first and last name, for term frequencies on the whole name
+EM_ITERATIONS = 10
+# Training works on bounded samples, so its cost stays flat as the table grows: u from this many random
+# record pairs (two per record, at least 100,000), m by EM on at most this many pairs of each blocking rule.
+U_MAX_PAIRS = 2_000_000
+EM_MAX_PAIRS = 200_000
 
 
 @dataclass
@@ -285,12 +289,13 @@ def train(records, spec: ModelSpec, previous: dict | None = None) -> dict:
                 linker._settings_obj._probability_two_random_records_match = min(
                     0.5, linker._settings_obj._probability_two_random_records_match * (n * (n - 1) / 2) / cross)
         if n >= MIN_U_RECORDS:
-            linker.training.estimate_u_using_random_sampling(max_pairs=min(2e6, max(1e5, n * 2.0)), seed=1)
-        sample = min(1.0, 300_000 / max(n, 1))
+            linker.training.estimate_u_using_random_sampling(max_pairs=min(U_MAX_PAIRS, max(1e5, n * 2.0)), seed=1)
         for b in (spec.blocking if n >= MIN_EM_RECORDS else []):
             try:
+                # A bounded sample of the rule's pairs (records kept by a hash of their id on each side,
+                # sized from a 10% probe): the cost of training does not grow with the table.
                 linker.training.estimate_parameters_using_expectation_maximisation(
-                    _block_sql(b), record_sample_proportion=sample)
+                    _block_sql(b), max_pairs=EM_MAX_PAIRS, record_sample_proportion=0.1)
             except Exception:  # a rule without enough pairs to learn from: those m values stay as they are
                 continue
         return linker.misc.save_model_to_json()
@@ -326,42 +331,89 @@ def score(records, fresh, model: dict, spec: ModelSpec):
         con.execute("CREATE TABLE rest AS SELECT r.* FROM recs r ANTI JOIN fresh_ids USING (rid)")
         linker = splink.Linker(db.register("recs"), model, log_level=logging.ERROR)
         _person_term_frequencies(con, db, linker, model)
-        parts = [linker.inference.predict_within(db.register("fresh"), warning_mode="never")]
+        # Splink keeps only the pairs at or above the review threshold: the others (most of them) are never
+        # materialised with their comparison columns, so memory follows the review band, not the blocks.
+        band = {"threshold_match_probability": spec.review_threshold, "warning_mode": "never"}
+        parts = [linker.inference.predict_within(db.register("fresh"), **band)]
         if con.execute("SELECT count(*) FROM rest").fetchall()[0][0]:
-            parts.append(linker.inference.predict_between(db.register("fresh"), db.register("rest"),
-                                                          warning_mode="never"))
-        names = [c["output_column_name"] for c in model["comparisons"]]
-        cols = {c for p in parts for c in p.as_duckdbpyrelation().columns}
-
-        def side(name: str, s: str) -> str:
-            if name == FULL_NAME or f"{name}_{s}" not in cols:
-                return "NULL"
-            return f'"{name}_{s}"'
-
-        ev_fields = []
-        for name in names:
-            weight = f'"mw_{name}"' + (f' + coalesce("mw_tf_adj_{name}", 0)' if f"mw_tf_adj_{name}" in cols else "")
-            if spec.names and name == f"{spec.names[0]}_{spec.names[1]}":
-                a = f"concat_ws(' ', {side(spec.names[0], 'l')}, {side(spec.names[1], 'l')})"
-                b = f"concat_ws(' ', {side(spec.names[0], 'r')}, {side(spec.names[1], 'r')})"
-            else:
-                a, b = side(name, "l"), side(name, "r")
-            ev_fields.append((name, a, b, f"round({weight}, 2)"))
-
-        def evidence(flip: bool) -> str:
-            return "CAST(to_json(struct_pack(" + ", ".join(
-                f'"{n}" := struct_pack(a := {b if flip else a}, b := {a if flip else b}, weight := {w})'
-                for n, a, b, w in ev_fields) + ")) AS VARCHAR)"
-        union = " UNION ALL ".join(
-            f"""SELECT rid_l, rid_r, system_l, system_r, match_probability AS probability,
-                       round(match_weight, 2) AS weight, {evidence(False)} AS evidence,
-                       {evidence(True)} AS evidence_rev
-                FROM {p.physical_name} WHERE match_probability >= {spec.review_threshold}""" for p in parts)
-        n = sum(con.execute(f"SELECT count(*) FROM {p.physical_name}").fetchone()[0] for p in parts)
-        con.execute(f"CREATE TABLE scored AS {union}")
-        return n, con.table("scored").to_arrow_table()
+            parts.append(linker.inference.predict_between(db.register("fresh"), db.register("rest"), **band))
+        _keep_scored(con, parts, model, spec, f"match_probability >= {spec.review_threshold}")
+        return _blocked_pairs(con, spec), con.table("scored").to_arrow_table()
     finally:
         con.close()
+
+
+def _keep_scored(con, parts, model: dict, spec: ModelSpec, where: str) -> None:
+    """Table `scored` (rid_l, rid_r, system_l, system_r, probability, weight, evidence, evidence_rev) from
+    Splink's prediction tables `parts`, the rows matching `where`."""
+    names = [c["output_column_name"] for c in model["comparisons"]]
+    cols = {c for p in parts for c in p.as_duckdbpyrelation().columns}
+
+    def side(name: str, s: str) -> str:
+        if name == FULL_NAME or f"{name}_{s}" not in cols:
+            return "NULL"
+        return f'"{name}_{s}"'
+
+    ev_fields = []
+    for name in names:
+        weight = f'"mw_{name}"' + (f' + coalesce("mw_tf_adj_{name}", 0)' if f"mw_tf_adj_{name}" in cols else "")
+        if spec.names and name == f"{spec.names[0]}_{spec.names[1]}":
+            a = f"concat_ws(' ', {side(spec.names[0], 'l')}, {side(spec.names[1], 'l')})"
+            b = f"concat_ws(' ', {side(spec.names[0], 'r')}, {side(spec.names[1], 'r')})"
+        else:
+            a, b = side(name, "l"), side(name, "r")
+        ev_fields.append((name, a, b, f"round({weight}, 2)"))
+
+    def evidence(flip: bool) -> str:
+        return "CAST(to_json(struct_pack(" + ", ".join(
+            f'"{n}" := struct_pack(a := {b if flip else a}, b := {a if flip else b}, weight := {w})'
+            for n, a, b, w in ev_fields) + ")) AS VARCHAR)"
+    union = " UNION ALL ".join(
+        f"""SELECT rid_l, rid_r, system_l, system_r, match_probability AS probability,
+                   round(match_weight, 2) AS weight, {evidence(False)} AS evidence,
+                   {evidence(True)} AS evidence_rev
+            FROM {p.physical_name} WHERE {where}""" for p in parts)
+    con.execute(f"CREATE TABLE scored AS {union}")
+
+
+def score_groups(records, members, model: dict, spec: ModelSpec):
+    """Every pair of records on one identity, scored whatever its probability: the evidence of links that
+    no pair scored by `score` explains (a stored id or an exact key whose records' best pair is below the
+    review threshold, or was not scored this run).
+
+    `records` as for `score` (all of them: term frequencies count people over all records); `members` an
+    Arrow table (rid, xid) of the records of the identities to explain. Blocking on the xid, so the cost
+    follows the identities' sizes. Returns an Arrow table like `score`'s, every pair kept.
+    """
+    splink, _ = _splink()
+    con, db = _db(records)
+    try:
+        con.register("_members_arrow", members)
+        con.execute("CREATE TABLE grouped AS SELECT r.* REPLACE (m.xid AS grp) FROM recs r "
+                    "JOIN _members_arrow m USING (rid)")
+        linker = splink.Linker(db.register("recs"), model, log_level=logging.ERROR)
+        _person_term_frequencies(con, db, linker, model)
+        part = linker.inference.predict_within(db.register("grouped"), warning_mode="never",
+                                               blocking_rules_to_generate_predictions=['l."grp" = r."grp"'])
+        _keep_scored(con, [part], model, spec, "TRUE")
+        return con.table("scored").to_arrow_table()
+    finally:
+        con.close()
+
+
+def _blocked_pairs(con, spec: ModelSpec) -> int:
+    """How many pairs `score` scored: the pairs of a fresh record with any other record sharing a blocking key,
+    each pair once (two fresh records in rid order), counted per rule without the pairs of the rules before
+    it, as Splink generates them. Counts of equi-joins only: linear in the block sizes."""
+    con.execute("CREATE TABLE cand AS SELECT r.*, f.rid IS NOT NULL AS is_fresh FROM recs r LEFT JOIN fresh_ids f "
+                "USING (rid)")
+    n = 0
+    for i, b in enumerate(spec.blocking):
+        earlier = " OR ".join(f"({_block_sql(e)})" for e in spec.blocking[:i]) or "FALSE"
+        n += con.execute(f"""SELECT count(*) FROM fresh l JOIN cand r ON {_block_sql(b)}
+                             WHERE l.rid <> r.rid AND (NOT r.is_fresh OR l.rid < r.rid)
+                               AND NOT coalesce({earlier}, FALSE)""").fetchall()[0][0]
+    return n
 
 
 def comparison_names(model: dict) -> list[str]:
