@@ -19,8 +19,8 @@ every staged record to its xid over the same tables). Figures are in docs/operat
 With --identity (`make bench BENCH_ARGS="--identity --people 100000"`): identity resolution only, measured
 against the demo's answer key (pairwise precision of automatic links; their recall over all same-person
 pairs, with the ceiling that never merging two records of one system automatically allows, and over the
-pairs of two different systems only; review items as a share of records, resolve_identity seconds and peak memory, pairs scored on a second night with 1% of records
-changed) and, on the same staged records, Splink's own default model (figures in docs/identity.md).
+pairs of two different systems only; review items as a share of records, resolve_identity seconds and
+peak memory, pairs scored on a second night with 1% of records changed) and, on the same staged records, Splink's own default model (figures in docs/identity.md).
 Speed is measured here, never asserted in tests.
 """
 from __future__ import annotations
@@ -288,8 +288,8 @@ def identity_bench(root: Path, people: int, seed: int) -> None:
             f"SELECT '{s}' AS system, CAST(_record_key AS VARCHAR) AS record_key FROM staging.{s}__contact"
             for s in ("crm", "marketing", "erp")))
         records = con.execute("SELECT count(*) FROM recs").fetchone()[0]
-        p, r, r_cross, false = _precision_recall(con, key, "SELECT xid AS cluster, system, record_key FROM identity.xref "
-                                                  "WHERE entity = 'contact'")
+        p, r, r_cross, false = _precision_recall(
+            con, key, "SELECT xid AS cluster, system, record_key FROM identity.xref WHERE entity = 'contact'")
         open_items = con.execute("SELECT count(*) FROM review.items WHERE status = 'open' AND kind IN "
                                  "('candidate', 'orphan', 'duplicate', 'conflict')").fetchone()[0]
         ceiling, ceiling_cross = con.execute(CEILING_SQL.format(key=key)).fetchall()[0]

@@ -424,9 +424,9 @@ def _model(r: _Run, spec: ModelSpec, records) -> tuple[dict, str]:
         if uses < every:
             model, trained_run, status = json.loads(prev[0]), prev[1], "reused"
         else:
-            model, trained_run, status = identity_model.train(records, spec, json.loads(prev[0])), r.run_id, "trained"
+            model, trained_run, status = identity_model.train(r.cfg, records, spec, json.loads(prev[0])), r.run_id, "trained"
     else:
-        model, trained_run, status = identity_model.train(records, spec), r.run_id, "trained"
+        model, trained_run, status = identity_model.train(r.cfg, records, spec), r.run_id, "trained"
     con.execute("""INSERT INTO identity.model (entity, run_id, status, trained_run_id, signature, records,
                                                link_threshold, review_threshold, parameters, m_u, created_at)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
@@ -464,7 +464,7 @@ def _score(r: _Run, spec: ModelSpec | None) -> None:
     if not con.execute("SELECT count(*) FROM _fresh").fetchall()[0][0]:  # fetchall: the result is finished
         return
     fresh = con.sql("SELECT rid FROM _fresh").to_arrow_table()
-    r.stats["pairs_scored"], scored = identity_model.score(records, fresh, model, spec)
+    r.stats["pairs_scored"], scored = identity_model.score(r.cfg, records, fresh, model, spec)
     con.register("_scored_arrow", scored)
     try:
         con.execute("CREATE OR REPLACE TEMP TABLE _scored AS SELECT * FROM _scored_arrow")
@@ -625,25 +625,41 @@ def _keep_unchanged_duplicates(r: _Run) -> None:
 
 
 def _link_evidence(r: _Run) -> None:
-    """Every link made this run carries the model's evidence: the links a deterministic rule made (stored
-    ids, exact keys, decisions, a mint the others then joined) have none yet, so every pair of records on
-    their xids is scored (whatever its probability) and each record gets its best pair with another record
-    of its xid: probability, weight, per-field weights. A record alone on its xid has nothing to compare."""
+    """Every link made this run carries the model's evidence. The links a deterministic rule made (stored
+    ids, exact keys, decisions, a mint the others then joined) have none yet: each gets its best pair with
+    another record now on its xid, from the pairs scored this run (at or above review_threshold), else
+    from every pair of records on those xids, scored now whatever its probability (probability, weight,
+    per-field weights). A record alone on its xid has nothing to compare."""
     if r.scoring is None:
         return
-    con, e = r.con, sql_literal(r.entity)
+    con, e, run = r.con, sql_literal(r.entity), sql_literal(r.run_id)
+
+    def set_evidence() -> None:
+        con.execute(f"""UPDATE identity.xref x SET evidence = ev.evidence FROM _ev ev
+                        WHERE x.entity = {e} AND x.system = ev.system AND x.record_key = ev.record_key""")
+
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE _ev AS
+        SELECT x.system, x.record_key,
+               arg_max(json_merge_patch(CAST(p.evidence AS JSON),
+                                        json_object('_probability', p.probability, '_weight', p.weight,
+                                                    '_with', p.other_system || ':' || p.other_key)), p.probability) AS evidence
+        FROM identity.xref x
+        JOIN _pairs p ON p.system = x.system AND p.record_key = x.record_key
+        JOIN identity.xref y ON y.entity = x.entity AND y.system = p.other_system AND y.record_key = p.other_key
+                            AND y.xid = x.xid
+        WHERE x.entity = {e} AND x.run_id = {run} AND x.evidence IS NULL
+        GROUP BY x.system, x.record_key""")
+    set_evidence()
     con.execute(f"""CREATE OR REPLACE TEMP TABLE _members AS
-                    SELECT rec.rid, rec.system, rec.record_key, x.xid, x.run_id = {sql_literal(r.run_id)}
-                           AND x.evidence IS NULL AS unexplained
+                    SELECT rec.rid, rec.system, rec.record_key, x.xid, x.run_id = {run} AND x.evidence IS NULL AS unexplained
                     FROM identity.xref x JOIN _recs rec USING (system, record_key)
                     WHERE x.entity = {e} AND x.xid IN (
-                        SELECT xid FROM identity.xref WHERE entity = {e} AND run_id = {sql_literal(r.run_id)}
-                                                        AND evidence IS NULL)""")
-    pairs = con.execute("SELECT count(*) FROM _members GROUP BY xid HAVING count(*) > 1 LIMIT 1").fetchall()
-    if not pairs:
-        return
+                        SELECT xid FROM identity.xref WHERE entity = {e} AND run_id = {run} AND evidence IS NULL)""")
+    if not con.execute("SELECT 1 FROM _members GROUP BY xid HAVING count(*) > 1 LIMIT 1").fetchall():
+        return  # every link explained by a scored pair, or alone on its xid
     records, model, spec = r.scoring
-    scored = identity_model.score_groups(records, con.sql("SELECT rid, xid FROM _members").to_arrow_table(),
+    scored = identity_model.score_groups(r.cfg, records, con.sql("SELECT rid, xid FROM _members").to_arrow_table(),
                                          model, spec)
     con.register("_grouped_arrow", scored)
     try:
@@ -662,8 +678,7 @@ def _link_evidence(r: _Run) -> None:
         FROM _members m JOIN _grouped g USING (rid)
         WHERE m.unexplained
         GROUP BY m.system, m.record_key""")
-    con.execute(f"""UPDATE identity.xref x SET evidence = ev.evidence FROM _ev ev
-                    WHERE x.entity = {e} AND x.system = ev.system AND x.record_key = ev.record_key""")
+    set_evidence()
 
 
 def _orphans(r: _Run) -> None:

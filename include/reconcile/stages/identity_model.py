@@ -205,12 +205,13 @@ def _settings(spec: ModelSpec, tf: bool) -> dict:
     return creator.get_settings("duckdb").as_dict()
 
 
-def _db(records):
-    """A private in-memory DuckDB for Splink, holding the records as `recs`."""
-    import duckdb
+def _db(cfg: Config, records):
+    """A private in-memory DuckDB for Splink, holding the records as `recs`, with the config's resource
+    settings (`duckdb:` memory limit, spill folder, threads) like every database reconcile opens."""
+    from ..warehouse import connect
 
     splink, _ = _splink()
-    con = duckdb.connect()
+    con = connect(cfg)
     con.execute("SET preserve_insertion_order = false")
     con.register("_recs_arrow", records)
     con.execute("CREATE TABLE recs AS SELECT * FROM _recs_arrow")
@@ -253,7 +254,7 @@ def _person_term_frequencies(con, db, linker, model: dict) -> None:
         linker.table_management.register_term_frequency_lookup(db.register(f"tf_{col}"), col)
 
 
-def train(records, spec: ModelSpec, previous: dict | None = None) -> dict:
+def train(cfg: Config, records, spec: ModelSpec, previous: dict | None = None) -> dict:
     """Estimate the model's parameters on `records` (Arrow: rid, system, grp, the spec's fields, _full_name).
 
     u from random record pairs, m by expectation maximisation on the pairs of each blocking rule (the
@@ -261,7 +262,7 @@ def train(records, spec: ModelSpec, previous: dict | None = None) -> dict:
     previous model of the same spec, EM starts from its m values. Returns Splink's model JSON.
     """
     splink, _ = _splink()
-    con, db = _db(records)
+    con, db = _db(cfg, records)
     n = records.num_rows
     try:
         # Term frequencies, like u, mean something only over enough records.
@@ -313,7 +314,7 @@ def m_u(model: dict) -> dict[str, list[dict]]:
     return out
 
 
-def score(records, fresh, model: dict, spec: ModelSpec):
+def score(cfg: Config, records, fresh, model: dict, spec: ModelSpec):
     """Blocked pairs of every fresh record (rid in the Arrow table `fresh`) with every record, scored.
 
     Pairs of two fresh records are scored once; a fresh record is never paired with itself. Returns (the
@@ -323,7 +324,7 @@ def score(records, fresh, model: dict, spec: ModelSpec):
     term frequencies come from all records, counted per person (`_person_term_frequencies`).
     """
     splink, _ = _splink()
-    con, db = _db(records)
+    con, db = _db(cfg, records)
     try:
         con.register("_fresh_arrow", fresh)
         con.execute("CREATE TABLE fresh_ids AS SELECT DISTINCT rid FROM _fresh_arrow")
@@ -376,7 +377,7 @@ def _keep_scored(con, parts, model: dict, spec: ModelSpec, where: str) -> None:
     con.execute(f"CREATE TABLE scored AS {union}")
 
 
-def score_groups(records, members, model: dict, spec: ModelSpec):
+def score_groups(cfg: Config, records, members, model: dict, spec: ModelSpec):
     """Every pair of records on one identity, scored whatever its probability: the evidence of links that
     no pair scored by `score` explains (a stored id or an exact key whose records' best pair is below the
     review threshold, or was not scored this run).
@@ -386,7 +387,7 @@ def score_groups(records, members, model: dict, spec: ModelSpec):
     follows the identities' sizes. Returns an Arrow table like `score`'s, every pair kept.
     """
     splink, _ = _splink()
-    con, db = _db(records)
+    con, db = _db(cfg, records)
     try:
         con.register("_members_arrow", members)
         con.execute("CREATE TABLE grouped AS SELECT r.* REPLACE (m.xid AS grp) FROM recs r "
