@@ -246,6 +246,14 @@ def _real_sqlite_transactions(engine) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
+_ORDER = {"delete": 0, "update": 1, "create": 2}  # a batch frees values before it writes new ones
+
+
+def _first_line(e: Exception) -> str:
+    """The database's own message of a rejected write, first line, bounded."""
+    return str(getattr(e, "orig", None) or e).strip().splitlines()[0][:500]
+
+
 def _to_arrow(columns: list[str], rows: list) -> pa.Table:
     """Rows -> Arrow table of strings, one column at a time (the connector boundary, in batches)."""
     arrays = []
@@ -338,9 +346,12 @@ def _iso_timestamps(arr: pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 class SqlWriter:
-    """Writes into one table of a SQL system: one transaction per batch, one savepoint per record, so a
-    rejected row fails alone and the rest of the batch commits. The precondition (`WriteOp.expected`) is
-    checked inside the same transaction, just before the record's write."""
+    """Writes into one table of a SQL system, one transaction per batch. The preconditions
+    (`WriteOp.expected`) are checked set-based inside that transaction, then the batch is written in a few
+    statements inside one savepoint: deletes, updates grouped by column set, creates grouped by column set
+    (executemany; creates as one multi-row INSERT ... RETURNING in parameter order where the database has it).
+    If that savepoint fails (a rejected value, a constraint), it is rolled back and the batch is written again
+    one savepoint per record, so the rejected record fails alone and the rest commit."""
 
     def __init__(self, connector: SqlConnector, source: SourceConfig):
         if source.table is None:
@@ -350,6 +361,7 @@ class SqlWriter:
         schema, _, name = source.table.rpartition(".")
         self.table = sa.table(name, schema=schema or None)
         self.key = source.key
+        self._types: dict | None = None   # declared column types, read once for multi-row creates
 
     def _begin(self):
         try:
@@ -383,29 +395,105 @@ class SqlWriter:
         return None if row is None else str(row[0])
 
     def apply(self, ops: list[WriteOp]) -> list[Outcome]:
-        outcomes = []
+        outcomes: list[Outcome | None] = [None] * len(ops)
         with self._begin() as conn:
             keys = [o.key for o in ops if o.key is not None]
             cols = sorted({c for o in ops for c in [*(o.expected or {}), *o.values]})
             now = self._current(conn, keys, cols)
-            for o in ops:
-                if o.op != "create":
-                    why = conflict(o.expected, now.get(o.key), o.key)
-                    if why:
-                        outcomes.append(Outcome(o.ref, "skipped_conflict", key=o.key, error=why))
-                        continue
-                sp = conn.begin_nested()
-                try:
-                    key = self._write(conn, o)
-                    sp.commit()
-                except Exception as e:  # a constraint violation or a rejected value: this record fails alone
-                    sp.rollback()
-                    detail = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-                    outcomes.append(Outcome(o.ref, "failed", key=o.key, error=detail[:500]))
+            todo = []
+            for i, o in enumerate(ops):
+                why = None if o.op == "create" else conflict(o.expected, now.get(o.key), o.key)
+                if why:
+                    outcomes[i] = Outcome(o.ref, "skipped_conflict", key=o.key, error=why)
+                else:
+                    todo.append(o)
+            written = self._batch(conn, todo) if self._batchable(todo) else None
+            done = iter(written or [])
+            for i, o in enumerate(ops):
+                if outcomes[i] is not None:
                     continue
+                if written is not None:
+                    key = next(done)
+                else:
+                    sp = conn.begin_nested()
+                    try:
+                        key = self._write(conn, o)
+                        sp.commit()
+                    except Exception as e:  # a constraint violation or a rejected value: this record fails alone
+                        sp.rollback()
+                        outcomes[i] = Outcome(o.ref, "failed", key=o.key, error=_first_line(e))
+                        continue
                 before = None if o.op == "create" else {c: now[o.key].get(c) for c in o.values}
-                outcomes.append(Outcome(o.ref, "applied", key=key, before=before))
+                outcomes[i] = Outcome(o.ref, "applied", key=key, before=before)
         return outcomes
+
+    def _batchable(self, ops: list[WriteOp]) -> bool:
+        """Whether the batch can be written set-wise: more than one op, each record written at most once (so
+        the order of the statements cannot matter), and a database that counts the rows of an executemany
+        (an update whose record vanished must not pass as applied)."""
+        keys = [o.key for o in ops if o.op != "create"]
+        return len(ops) > 1 and len(set(keys)) == len(keys) and self.c.engine.dialect.supports_sane_multi_rowcount
+
+    def _batch(self, conn, ops: list[WriteOp]) -> list[str | None] | None:
+        """Write the ops in one savepoint, a few statements; the written keys in op order, or None if the
+        database rejected anything (the savepoint is rolled back: nothing of the batch is written)."""
+        keys: dict[int, str | None] = {}
+        groups: dict[tuple, list[int]] = {}
+        for i, o in enumerate(ops):
+            groups.setdefault((_ORDER[o.op], tuple(sorted(o.values))), []).append(i)
+        sp = conn.begin_nested()
+        try:
+            for (_, columns), idx in sorted(groups.items()):  # deletes, then updates, then creates
+                op, t = ops[idx[0]].op, self._t(columns)
+                if op == "delete":
+                    conn.execute(sa.delete(t).where(t.c[self.key] == sa.bindparam("_k")),
+                                 [{"_k": ops[i].key} for i in idx])
+                elif op == "update":
+                    stmt = sa.update(t).where(t.c[self.key] == sa.bindparam("_k")).values(
+                        {t.c[c]: sa.bindparam(f"_v{n}") for n, c in enumerate(columns)})
+                    params = [{"_k": ops[i].key, **{f"_v{n}": ops[i].values[c] for n, c in enumerate(columns)}}
+                              for i in idx]
+                    if conn.execute(stmt, params).rowcount != len(idx):
+                        raise ReconcileError("a record of the batch was not found for update")
+                else:
+                    keys.update(zip(idx, self._create(conn, columns, [ops[i].values for i in idx])))
+                for i in idx:
+                    keys.setdefault(i, ops[i].key)
+            sp.commit()
+        except (sa.exc.StatementError, ReconcileError):  # the database rejected a record (or one vanished)
+            sp.rollback()
+            return None
+        return [keys[i] for i in range(len(ops))]
+
+    def _create(self, conn, columns: tuple, rows: list[dict]) -> list[str | None]:
+        """Insert rows of one column set; their new keys in row order. One multi-row INSERT ... RETURNING
+        (sorted by parameter order) where the key is an integer the database generates in ascending order
+        (serial, identity, auto_increment: the sentinel SQLAlchemy needs to give the keys back in order),
+        else one INSERT ... RETURNING per row."""
+        t = self._serial_table(conn, columns) if len(rows) > 1 else None
+        if t is None:
+            return [self._write(conn, WriteOp("", "create", None, r)) for r in rows]
+        got = conn.execute(sa.insert(t).returning(t.c[self.key], sort_by_parameter_order=True), rows).all()
+        return [None if r[0] is None else str(r[0]) for r in got]
+
+    def _serial_table(self, conn, columns: tuple) -> sa.Table | None:
+        """The table with these columns (their declared types) and its generated integer key, or None if the
+        key is not one or the database cannot return a multi-row insert's keys in parameter order."""
+        if not self.c.engine.dialect.insert_executemany_returning_sort_by_parameter_order:
+            return None
+        if self._types is None:
+            insp = sa.inspect(conn)
+            cols = insp.get_columns(self.table.name, schema=self.table.schema)
+            key = next((c for c in cols if c["name"] == self.key), None)
+            serial = (key is not None and isinstance(key["type"], sa.Integer) and key.get("autoincrement") is True
+                      and insp.get_pk_constraint(self.table.name, schema=self.table.schema)["constrained_columns"]
+                      == [self.key])
+            self._types = {c["name"]: c["type"] for c in cols} if serial else {}
+        if not self._types or not set(columns) <= set(self._types):
+            return None
+        return sa.Table(self.table.name, sa.MetaData(),
+                        sa.Column(self.key, self._types[self.key], primary_key=True, autoincrement=True),
+                        *[sa.Column(c, self._types[c]) for c in columns if c != self.key], schema=self.table.schema)
 
     def _t(self, columns) -> sa.TableClause:
         cols = list(dict.fromkeys([*columns, self.key]))
