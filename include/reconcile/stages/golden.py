@@ -152,7 +152,7 @@ def _staging_has_run_ids(con, ent: EntityConfig, entity: str) -> bool:
     return n == sum(table_exists(con, f"staging.{t}") for t in tables)
 
 
-def _dirty_sql(con, ent: EntityConfig, entity: str, prev_run_id: str, prev_run_at) -> str:
+def dirty_sql(con, ent: EntityConfig, entity: str, prev_run_id: str, prev_run_at) -> str:
     """Xids whose golden row may differ from the last build's (see the module docstring)."""
     e = sql_literal(entity)
     runs = (f"SELECT run_id FROM audit.runs WHERE entity = {e} AND run_at >= {sql_literal(str(prev_run_at))} "
@@ -205,7 +205,7 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime, full: bo
                   else "entity configuration changed" if json.loads(prev[2]).get("config_hash") != chash
                   else "staging without run ids" if not _staging_has_run_ids(con, ent, entity) else None)
         incremental = reason is None
-        dirty = _dirty_sql(con, ent, entity, prev[0], prev[1]) if incremental else "SELECT NULL::VARCHAR AS xid"
+        dirty = dirty_sql(con, ent, entity, prev[0], prev[1]) if incremental else "SELECT NULL::VARCHAR AS xid"
         con.execute(f"CREATE OR REPLACE TEMP TABLE _dirty AS SELECT DISTINCT xid FROM ({dirty}) WHERE xid IS NOT NULL")
         only_dirty = "AND x.xid IN (SELECT xid FROM _dirty)" if incremental else ""
         # Links of active, non-erased xids, without the records an erased person had.

@@ -10,9 +10,20 @@ field the target owns), eligibility, and the golden value's lineage. Then, per t
 Set-based: one INSERT ... SELECT per operation and target. What a target holds is what reconcile last wrote
 there (audit.write_ledger) where that write is newer than the staged row, else the staged row: a target that
 does not stamp its modified time on our writes still converges.
+
+Incremental: a run plans only the xids whose changes can differ from the last plan's: those golden's
+incremental build would call dirty since that plan (records extracted or deleted, links made or undone,
+erasures, status changes: `golden.dirty_sql`) and every xid the last plan had a change for, whatever became
+of it (applied, held, blocked, failed, awaiting approval, dry run): a change still needed is planned again
+exactly as a full plan would. Every other xid had no change then and nothing it depends on moved, so a full
+plan gives it none now. A full plan runs when unsure (`_full_reason`): the first plan, a configuration
+change of the entity or its targets, a target planned for the first time, a full extract or a full golden
+rebuild this run, a run since the last plan that failed or did not plan, or target writes or rollbacks
+recorded since the last plan by another run (`reconcile load` / `approve` / `rollback` of an older run).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 
@@ -21,7 +32,7 @@ from ..config.models import DEFAULT_CHANGE_THRESHOLDS, DEFAULT_MAX_TEXT_LENGTH, 
 from ..transforms import quote_ident as q, sql_literal
 from ..warehouse import once, staging_table, table_exists
 from . import privacy
-from .golden import golden_table, lineage_table
+from .golden import dirty_sql, golden_table, lineage_table
 
 STAGE = "plan"
 OPERATIONS = ("create", "update", "link", "archive", "erase")
@@ -46,25 +57,111 @@ def _reverse(expr: str, steps) -> str:
     return f"(CASE {text} {whens} ELSE {text} END)"
 
 
-def plan(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dict:
-    """Write this run's changes for every target into audit.changes. Idempotent per run id."""
+def plan(con, cfg: Config, entity: str, run_id: str, run_at: datetime, full: bool = False) -> dict:
+    """Write this run's changes for every target into audit.changes. Idempotent per run id.
+
+    Incremental (only the xids whose changes can differ from the last plan's, see the module docstring)
+    unless `_full_reason` finds a reason, or `full` is set; the summary's `mode`, `reason` and
+    `xids_planned` say which and how many."""
     ent = cfg.entities[entity]
 
     def _body() -> dict:
         con.execute("DELETE FROM audit.changes WHERE run_id = ? AND entity = ?", [run_id, entity])
         con.execute("DELETE FROM audit.approvals WHERE run_id = ? AND entity = ?", [run_id, entity])
         has_golden = table_exists(con, f"golden.{entity}")
-        for target in sorted(ent.sources):
-            if not table_exists(con, f"staging.{target}__{entity}"):
-                continue
-            _plan_target(con, cfg, entity, target, run_id, run_at, has_golden)
+        targets = [t for t in sorted(ent.sources) if table_exists(con, f"staging.{t}__{entity}")]
+        state = _state(con, cfg, entity, run_id, targets)
+        reason = "requested" if full else _full_reason(con, cfg, entity, run_id, state, has_golden)
+        _scope(con, cfg, entity, run_id, incremental=reason is None)
+        for target in targets:
+            _plan_target(con, cfg, entity, target, run_id, run_at, has_golden, incremental=reason is None)
         summary = _thresholds(con, cfg, entity, run_id, run_at)
+        summary.update(mode="full" if reason else "incremental",
+                       reason=reason or "only xids whose records, links, decisions or changes moved",
+                       xids_planned=con.execute("SELECT count(*) FROM _plan_xids").fetchone()[0], **state)
+        con.execute("DROP TABLE _plan_xids")
         return summary
 
     return once(con, run_id, entity, STAGE, run_at, _body)
 
 
-def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at: datetime, has_golden: bool) -> None:
+def _state(con, cfg: Config, entity: str, run_id: str, targets: list[str]) -> dict:
+    """What the next run compares to decide whether it may plan incrementally (kept in the plan's result)."""
+    ent = cfg.entities[entity]
+    systems = {t: {"kind": cfg.system_kind(t), "erase": privacy.erase_spec(cfg, entity, t),
+                   **cfg.systems[t].model_dump(mode="json", include={"creates_identity", "xid_column", "unique",
+                                                                     "writes"})} for t in ent.sources}
+    payload = json.dumps({"entity": ent.model_dump(mode="json"), "systems": systems}, sort_keys=True, default=str)
+    ledger, rolled_back = con.execute("""
+        SELECT (SELECT count(*) FROM audit.write_ledger WHERE entity = $1 AND run_id <> $2),
+               (SELECT count(*) FROM audit.changes WHERE entity = $1 AND status = 'rolled_back')""",
+                                      [entity, run_id]).fetchone()
+    return {"plan_config_hash": hashlib.sha256(payload.encode()).hexdigest()[:16], "targets_planned": targets,
+            "writes_before": ledger, "rolled_back_before": rolled_back}
+
+
+def _full_reason(con, cfg: Config, entity: str, run_id: str, state: dict, has_golden: bool) -> str | None:
+    """Why this run must plan every xid (None: the incremental plan gives exactly what a full one would)."""
+    prev = _previous(con, entity, run_id)
+    if prev is None:
+        return "first plan"
+    prev_run, prev_at, last = prev
+    if not has_golden:
+        return "no golden table"
+    if last.get("mode") is None:
+        return "the last plan recorded no state to compare"
+    if last.get("plan_config_hash") != state["plan_config_hash"]:
+        return "entity or target configuration changed"
+    if last.get("targets_planned") != state["targets_planned"]:
+        return "the set of targets changed"
+    golden_run = con.execute("SELECT result FROM audit.stage_runs WHERE run_id = ? AND entity = ? AND stage = 'golden'",
+                             [run_id, entity]).fetchone()
+    if golden_run is None or json.loads(golden_run[0]).get("mode") != "incremental":
+        return "golden records were rebuilt in full"
+    if con.execute("SELECT count(*) FROM audit.extracts WHERE run_id = ? AND entity = ? AND mode = 'full'",
+                   [run_id, entity]).fetchone()[0]:
+        return "a full extract"
+    others = con.execute("""SELECT count(*) FILTER (WHERE run_id <> $2),
+                                   count(*) FILTER (WHERE run_id = $2 AND status IN ('running', 'failed'))
+                            FROM audit.runs WHERE entity = $1 AND run_id <> $3 AND run_at >= $4""",
+                         [entity, prev_run, run_id, prev_at]).fetchone()
+    if others[0] or others[1]:
+        return "a run since the last plan failed or did not plan"
+    ledger, rolled_back = con.execute("""
+        SELECT (SELECT count(*) FROM audit.write_ledger WHERE entity = $1 AND run_id NOT IN ($2, $3)),
+               (SELECT count(*) FROM audit.changes WHERE entity = $1 AND status = 'rolled_back')""",
+                                      [entity, prev_run, run_id]).fetchone()
+    if ledger != last.get("writes_before") or rolled_back != last.get("rolled_back_before"):
+        return "writes or rollbacks of another run since the last plan"
+    return None
+
+
+def _previous(con, entity: str, run_id: str) -> tuple[str, datetime, dict] | None:
+    """The last plan before this run: its run id, run time and result."""
+    row = con.execute("""SELECT run_id, finished_at, result FROM audit.stage_runs
+                         WHERE entity = ? AND stage = ? AND run_id <> ?
+                         ORDER BY finished_at DESC, run_id DESC LIMIT 1""", [entity, STAGE, run_id]).fetchone()
+    return None if row is None else (row[0], row[1], json.loads(row[2]))
+
+
+def _scope(con, cfg: Config, entity: str, run_id: str, incremental: bool) -> None:
+    """`_plan_xids`: the xids this run plans. Incremental: the dirty ones since the last plan and every xid
+    that plan had a change for; full: every xid of a golden record or a link."""
+    e = sql_literal(entity)
+    if incremental:
+        prev_run, prev_at, _ = _previous(con, entity, run_id)
+        xids = (f"{dirty_sql(con, cfg.entities[entity], entity, prev_run, prev_at)} "
+                f"UNION SELECT xid FROM audit.changes WHERE run_id = {sql_literal(prev_run)} AND entity = {e}")
+    else:
+        golden = (f"SELECT xid FROM {golden_table(entity)} UNION "
+                  if table_exists(con, golden_table(entity)) else "")
+        xids = f"{golden}SELECT xid FROM identity.xref WHERE entity = {e}"
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _plan_xids AS SELECT DISTINCT xid FROM ({xids}) WHERE xid IS NOT NULL")
+
+
+def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at: datetime, has_golden: bool,
+                 incremental: bool) -> None:
+    """Plan one target's changes; `incremental`: only for the xids of `_plan_xids`."""
     ent = cfg.entities[entity]
     sysconf = cfg.systems[target]
     source = ent.sources[target]
@@ -78,6 +175,10 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
     expected = "to_json(struct_pack(" + ", ".join(f"{q(c)} := s.{q('_raw_' + c)}" for c in watched) + "))"
     inserts = []
     _last_written(con, entity, target)
+
+    def scoped(xid: str) -> str:
+        """Only the xids this run plans (every xid on a full plan)."""
+        return f"AND {xid} IN (SELECT xid FROM _plan_xids)" if incremental else ""
 
     def written(column: str) -> str:
         """The join to what reconcile last wrote into this column of the staged record (see `_last_written`)."""
@@ -116,7 +217,7 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
                 JOIN {st} s ON s._record_key = x.record_key
                 {written(mapping.column)}
                 WHERE {differs(after_raw, f'g.{q(fname)} IS DISTINCT FROM s.{q(fname)}')}
-                  AND {blank_ok} AND {elig}""")
+                  AND {blank_ok} AND {elig} {scoped('g.xid')}""")
         if sysconf.writes.create:
             cols = [(f, m) for f, m in source.fields.items() if ent.fields[f].owner != target]
             values = ", ".join(f"{q(m.column)} := {_reverse(f'g.{q(f)}', m.steps)}" for f, m in cols)
@@ -127,7 +228,7 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
                        NULL, NULL, CAST(to_json(struct_pack({values})) AS VARCHAR), 'planned',
                        {sql_literal(f'eligible for {target} and no record there yet')}, NULL, NULL, NULL, NULL, NULL, NULL
                 FROM {golden_table(entity)} g
-                WHERE {elig}
+                WHERE {elig} {scoped('g.xid')}
                   AND NOT EXISTS (SELECT 1 FROM identity.xref x WHERE x.entity = {e} AND x.xid = g.xid AND x.system = {t})""")
     if sysconf.xid_column:
         inserts.append(f"""
@@ -139,7 +240,7 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
             JOIN identity.xids i ON i.xid = x.xid AND i.status = 'active'
             {written(sysconf.xid_column)}
             WHERE x.entity = {e} AND x.system = {t} AND {differs('x.xid', 's._xid IS DISTINCT FROM x.xid')}
-              AND x.xid NOT IN (SELECT xid FROM identity.erasures WHERE entity = {e})""")
+              {scoped('x.xid')} AND x.xid NOT IN (SELECT xid FROM identity.erasures WHERE entity = {e})""")
     arch = sysconf.writes.archive
     if arch is not None:
         creators = [s for s in ent.sources if cfg.systems[s].creates_identity]
@@ -154,7 +255,7 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
                    {'NULL' if arch.hard_delete else sql_literal(arch.value)}, 'planned',
                    'its identity is gone from every identity source', NULL, {expected}, NULL, NULL, NULL, NULL
             FROM identity.xref x JOIN {st} s ON s._record_key = x.record_key
-            WHERE x.entity = {e} AND x.system = {t} AND x.xid NOT IN ({present})
+            WHERE x.entity = {e} AND x.system = {t} AND x.xid NOT IN ({present}) {scoped('x.xid')}
               AND x.xid IN (SELECT xid FROM identity.xref WHERE entity = {e}
                             AND system IN ({', '.join(sql_literal(c) for c in creators) or 'NULL'}))
               AND NOT EXISTS (SELECT 1 FROM audit.changes c WHERE c.entity = {e} AND c.target = {t}
@@ -166,7 +267,7 @@ def _plan_target(con, cfg: Config, entity: str, target: str, run_id: str, run_at
                NULL, NULL, NULL, NULL, NULL
         FROM identity.erasures er JOIN identity.xref x ON x.entity = er.entity AND x.xid = er.xid AND x.system = {t}
         JOIN {st} s ON s._record_key = x.record_key
-        WHERE er.entity = {e}
+        WHERE er.entity = {e} {scoped('x.xid')}
           AND NOT EXISTS (SELECT 1 FROM audit.changes c WHERE c.entity = {e} AND c.target = {t}
                           AND c.record_key = x.record_key AND c.operation = 'erase' AND c.status = 'applied')""")
     for sql in inserts:
