@@ -312,9 +312,10 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime, full: bo
                             {''.join(f'{q(f)} {t}, ' for f, t in cols)}_run_id VARCHAR NOT NULL,
                             _updated_at TIMESTAMP NOT NULL)""")
         pivot = ", ".join(f"CAST(max(value) FILTER (WHERE field = {sql_literal(f)}) AS {t}) AS {q(f)}" for f, t in cols)
+        names = "".join(f"{q(f)}, " for f, _ in cols)
         con.execute(f"""
-            INSERT INTO {gtable}
-            SELECT g.*,
+            INSERT INTO {gtable} (xid, {names}_run_id, _updated_at)
+            SELECT g.xid, {''.join(f'g.{q(f)}, ' for f, _ in cols)}
                    CASE WHEN c.xid IS NULL AND p.xid IS NOT NULL THEN p._run_id ELSE $1 END,
                    CASE WHEN c.xid IS NULL AND p.xid IS NOT NULL THEN p._updated_at ELSE $2 END
             FROM (SELECT xid{', ' + pivot if pivot else ''} FROM _new GROUP BY xid) g
