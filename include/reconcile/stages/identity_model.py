@@ -207,14 +207,22 @@ def _settings(spec: ModelSpec, tf: bool) -> dict:
 
 def _db(cfg: Config, records):
     """A private in-memory DuckDB for Splink, holding the records as `recs`, with the config's resource
-    settings (`duckdb:` memory limit, spill folder, threads) like every database reconcile opens."""
+    settings (`duckdb:` memory limit, spill folder, threads) like every database reconcile opens.
+
+    In there a record's `rid` is a number (`rid_names` maps it to the record's `system:key`): Splink's
+    table of blocked pairs holds two ids per pair, tens of millions of pairs at a million people, and
+    numbers keep it several times smaller (and its joins faster) than the text ids."""
     from ..warehouse import connect
 
     splink, _ = _splink()
     con = connect(cfg)
     con.execute("SET preserve_insertion_order = false")
     con.register("_recs_arrow", records)
-    con.execute("CREATE TABLE recs AS SELECT * FROM _recs_arrow")
+    # numbered in id order: the same records get the same numbers every run (Splink's samples follow them)
+    con.execute("CREATE TABLE rid_names AS SELECT rid AS name, CAST(row_number() OVER (ORDER BY rid) AS BIGINT) "
+                "AS rid FROM _recs_arrow")
+    con.execute("CREATE TABLE recs AS SELECT r.* REPLACE (n.rid AS rid) FROM _recs_arrow r "
+                "JOIN rid_names n ON n.name = r.rid")
     con.unregister("_recs_arrow")
     return con, splink.DuckDBAPI(connection=con)
 
@@ -327,7 +335,8 @@ def score(cfg: Config, records, fresh, model: dict, spec: ModelSpec):
     con, db = _db(cfg, records)
     try:
         con.register("_fresh_arrow", fresh)
-        con.execute("CREATE TABLE fresh_ids AS SELECT DISTINCT rid FROM _fresh_arrow")
+        con.execute("CREATE TABLE fresh_ids AS SELECT DISTINCT n.rid FROM _fresh_arrow f "
+                    "JOIN rid_names n ON n.name = f.rid")
         con.execute("CREATE TABLE fresh AS SELECT r.* FROM recs r SEMI JOIN fresh_ids USING (rid)")
         con.execute("CREATE TABLE rest AS SELECT r.* FROM recs r ANTI JOIN fresh_ids USING (rid)")
         linker = splink.Linker(db.register("recs"), model, log_level=logging.ERROR)
@@ -370,10 +379,11 @@ def _keep_scored(con, parts, model: dict, spec: ModelSpec, where: str) -> None:
             f'"{n}" := struct_pack(a := {b if flip else a}, b := {a if flip else b}, weight := {w})'
             for n, a, b, w in ev_fields) + ")) AS VARCHAR)"
     union = " UNION ALL ".join(
-        f"""SELECT rid_l, rid_r, system_l, system_r, match_probability AS probability,
+        f"""SELECT nl.name AS rid_l, nr.name AS rid_r, system_l, system_r, match_probability AS probability,
                    round(match_weight, 2) AS weight, {evidence(False)} AS evidence,
                    {evidence(True)} AS evidence_rev
-            FROM {p.physical_name} WHERE {where}""" for p in parts)
+            FROM {p.physical_name} p JOIN rid_names nl ON nl.rid = p.rid_l JOIN rid_names nr ON nr.rid = p.rid_r
+            WHERE {where}""" for p in parts)
     con.execute(f"CREATE TABLE scored AS {union}")
 
 
@@ -391,7 +401,7 @@ def score_groups(cfg: Config, records, members, model: dict, spec: ModelSpec):
     try:
         con.register("_members_arrow", members)
         con.execute("CREATE TABLE grouped AS SELECT r.* REPLACE (m.xid AS grp) FROM recs r "
-                    "JOIN _members_arrow m USING (rid)")
+                    "JOIN rid_names n USING (rid) JOIN _members_arrow m ON m.rid = n.name")
         linker = splink.Linker(db.register("recs"), model, log_level=logging.ERROR)
         _person_term_frequencies(con, db, linker, model)
         part = linker.inference.predict_within(db.register("grouped"), warning_mode="never",
