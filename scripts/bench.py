@@ -196,6 +196,8 @@ def _against_floor(full: dict[str, float], floor: float) -> None:
 
 def _rows(out) -> str:
     if isinstance(out, dict):
+        if "xids_planned" in out:  # the plan: how many xids it looked at, and whether incremental
+            return f"xids={out['xids_planned']} ({out['mode']})"
         for key in ("rows", "linked", "records"):
             if key in out and not isinstance(out[key], dict):
                 return f"{key}={out[key]}"
