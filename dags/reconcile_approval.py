@@ -42,7 +42,7 @@ def approval_timeout() -> timedelta:
 
 
 def follow(states: Mapping[str, str]) -> list[str]:
-    """The tasks the branch after plan_changes follows, from `runner.targets_to_load` states.
+    """The tasks the branch after plan_changes follows, from the load states (`runner.export_loads`).
 
     `load` always (each target loads or says why not); `approve_load` only if some target awaits approval."""
     return [LOAD_TASK, APPROVAL_TASK] if "awaiting_approval" in states.values() else [LOAD_TASK]
@@ -50,10 +50,11 @@ def follow(states: Mapping[str, str]) -> list[str]:
 
 def branch(cfg, entity: str, run_id: str, plan: Mapping[str, Any]) -> tuple[list[str], dict[str, Any] | None]:
     """What `check_approval` follows (`follow`) and, when a load waits for approval, its request (subject and
-    body, `approval_request`); `plan`: plan_changes' result."""
+    body, `approval_request`); `plan`: plan_changes' result. Exports every target's change set and load state
+    first (`runner.export_loads`), which the `load` tasks read on any worker."""
     from reconcile import runner
 
-    states = runner.targets_to_load(cfg, entity, run_id)
+    states = runner.export_loads(cfg, entity, run_id)
     tasks = follow(states)
     return tasks, (approval_request(cfg, entity, run_id, plan, states) if APPROVAL_TASK in tasks else None)
 
@@ -119,7 +120,9 @@ def approval_request(cfg, entity: str, run_id: str, plan: Mapping[str, Any], sta
 class LoadApprovalOperator(ApprovalOperator):
     """`ApprovalOperator` whose answer is recorded in reconcile (`runner.approve`) before Airflow acts on it.
 
-    Approve: the waiting targets are approved by the responder; returns them (`load_approved` maps over them).
+    Approve: the waiting targets are approved by the responder; their change sets are exported again
+    (`runner.export_loads`, now `ok`); returns them (`load_approved` and each `load_approved_on_<queue>` map
+    over them; each loads the targets of its queue).
     Reject or timeout (the default option): the targets are rejected, so nothing is written into them even by
     a later `reconcile load`, and ApprovalOperator skips `load_approved`.
     """
@@ -150,8 +153,11 @@ class LoadApprovalOperator(ApprovalOperator):
         except ReconcileError as e:  # decided meanwhile outside Airflow (`reconcile approve`): that answer stands
             self.log.warning("nothing left to decide in reconcile: %s", e)
             decided = []
+        targets = sorted(set(decided) | set(self._waiting(context)))  # each load_approved checks its target again
+        # Their change sets and states for load_approved, which reads them on any worker (no warehouse there).
+        runner.export_loads(self.reconcile_config, self.entity, run_id, targets)
         super().execute_complete(context=context, event=event)  # on Reject: skips load_approved (raises)
-        return sorted(set(decided) | set(self._waiting(context)))  # each load_approved checks its target again
+        return targets
 
     @staticmethod
     def _waiting(context) -> list[str]:

@@ -6,7 +6,9 @@ validates every staging table in parallel (Great Expectations) and applies the q
 across systems to persistent ids (`identity.xref`), builds the golden records (`golden.<entity>`, also an
 Asset), holds identities that would collide in a target system, plans the changes per target system
 (`audit.changes`) and loads each target whose changes may be written (config `load.mode: apply`, thresholds
-approved); `purge_erased` removes erased people's values from the warehouse and the kept run files; finally
+approved): `check_approval` exports each target's change set into the run storage, `load` writes it into the
+target on any worker (journalled, opening no warehouse) and `record_loads` records the journals in the
+warehouse; `purge_erased` removes erased people's values from the warehouse and the kept run files; finally
 it records the run in `audit.runs` and publishes the warehouse file analysts read.
 
 **Quality gates.** A staging table that fails an error-level gate fails its `validate` task, with the failed
@@ -19,9 +21,9 @@ as its own task state, so the DAG run list tells the truth: `success` and `dry_r
 `incomplete`, `blocked` and `awaiting_approval` fail `finish_run` and with it the DAG run, the message starting
 `reconcile run <id> of <entity> ended <status> (recorded; not a crash)` with the reasons (a crash says
 `failed`). Clearing and retrying it records the same status again. A load that wrote some changes but not all
-(changes failed at the target, or stopped by `load.max_failure_rate`) fails its `load` task after recording its
-outcome, and the run ends `incomplete`. A failed gate or an incomplete load is a recorded outcome, not a crash:
-`finish_run` tells them apart from tasks that crashed. Holds standing from earlier runs (open review items
+(changes failed at the target, or stopped by `load.max_failure_rate`) fails its `load` task after journalling its
+outcome (`record_loads` records it), and the run ends `incomplete`. A failed gate or an incomplete load is a
+recorded outcome, not a crash: `finish_run` tells them apart from tasks that crashed. Holds standing from earlier runs (open review items
 holding the same changes every night) are reported, not `blocked`: a night with nothing new is green.
 
 **Approval.** A load over a change threshold needs a person. `check_approval` branches to `approve_load` (an
@@ -44,8 +46,11 @@ this run's loads over a threshold (like `reconcile run --approve`), so nothing w
 * Every task is one call into the `reconcile` library and is safe to retry: each step is idempotent for
   the Airflow run id, which is also the run id in `audit.runs`.
 * `begin_run` first finishes runs of the entity a killed process left behind (`runner.recover_runs`).
-* `purge_erased` and `finish_run` always run: an erased person's values are removed even from a failed run,
-  and `finish_run` records a failed run (and fails the DAG run) when an earlier task crashed.
+* Queues (CeleryExecutor): tasks that open the warehouse run on `queues.warehouse`; `extract`, `load` and
+  `load_approved` on the default queue, or on their system's own `queue` (`<task>_on_<queue>`).
+* `record_loads`, `purge_erased` and `finish_run` always run: what a load wrote is recorded even when another
+  load failed, an erased person's values are removed even from a failed run, and `finish_run` records a
+  failed run (and fails the DAG run) when an earlier task crashed.
 
 Parse time reads only the local YAML file and the environment: no database, connection or Variable is touched.
 """
@@ -161,27 +166,28 @@ def _all_connection_urls(cfg: Config, systems: list[str]) -> dict[str, str]:
     return {k: v for s in systems for k, v in (_connection_urls(cfg, s) or {}).items()}
 
 
-def _failed_tasks(ctx, systems: list[str], extract_queues: dict) -> list[tuple[str, str | None, str]]:
+def _failed_tasks(ctx, systems: list[str], queues: dict) -> list[tuple[str, str | None, str]]:
     """This run's tasks that did not succeed, as (task, system or None, state) for `runner.finish_run`, which
     tells a recorded outcome (a failed gate, an incomplete load) from a crash. Mapped instances name their
-    system: validate and load map over `systems`, load_approved over approve_load's answer."""
+    system: validate maps over `systems`, extract and load over their queue's systems (`queues`: queue ->
+    systems), load_approved (each queue's) over approve_load's answer."""
     ti = ctx["ti"]
-    approved = None
     out = []
     for key, state in sorted(_task_states(ctx).items()):
         if key == ti.task_id or state in ("success", "skipped"):
             continue
         base, _, index = key.rpartition("_")
         task, subject = (base, int(index)) if index.isdigit() and base else (key, None)
+        mapped = next((m for m in ("load_approved", "extract", "load") if task == m or task.startswith(f"{m}_on_")),
+                      None)
+        queue = task.removeprefix(f"{mapped}_on_") if mapped and task != mapped else None
         over = None
-        if task in ("validate", "load"):
+        if task == "validate":
             over = systems
-        elif task == "load_approved":
-            approved = approved if approved is not None else list(ti.xcom_pull(task_ids="approve_load") or [])
-            over = approved
-        elif task.startswith("extract"):
-            queue = task.removeprefix("extract_on_") if task != "extract" else None
-            over = extract_queues.get(queue, [])
+        elif mapped == "load_approved":
+            over = list(ti.xcom_pull(task_ids="approve_load") or [])
+        elif mapped:
+            over = queues.get(queue, [])
         name = over[subject] if over is not None and subject is not None and subject < len(over) else None
         out.append((task, name, state))
     return out
@@ -209,13 +215,13 @@ def build_dag(cfg: Config, entity: str):
     """
     systems = sorted(cfg.entities[entity].sources)
     # Celery queues (the LocalExecutor ignores them): every task that opens the working warehouse runs on the
-    # warehouse worker's queue; extracts run on any worker, or on their system's own queue.
+    # warehouse worker's queue; extracts and loads run on any worker, or on their system's own queue.
     warehouse = {"queue": cfg.queues.warehouse}
-    extract_queues: dict[str | None, list[str]] = {}
+    queues: dict[str | None, list[str]] = {}  # queue (None: the default queue) -> its systems
     for system in systems:
-        extract_queues.setdefault(cfg.systems[system].queue, []).append(system)
+        queues.setdefault(cfg.systems[system].queue, []).append(system)
     per_system = {"map_index_template": "{{ task.op_kwargs['system'] }}"}
-    per_target = {"map_index_template": "{{ task.op_kwargs['target'] }}", **warehouse}
+    per_target = {"map_index_template": "{{ task.op_kwargs['target'] }}"}
     # OpenLineage: what each task reads and writes (systems and warehouse tables), beside the Assets.
     datasets = task_lineage(cfg, entity)
     lineage = {t: {"inlets": lineage_tables(io["inputs"]), "outlets": lineage_tables(io["outputs"])}
@@ -338,16 +344,17 @@ def build_dag(cfg: Config, entity: str):
             from reconcile import runner
 
             run_id = get_current_context()["run_id"]
-            state = runner.targets_to_load(cfg, entity, run_id)[target]
+            state = runner.load_state(cfg, entity, run_id, target)  # exported by check_approval / approve_load
             if state != "ok":  # awaiting_approval, rejected, dry_run, nothing: shown as skipped, never written
                 hint = ("; approve_load asks for approval" if state == "awaiting_approval" else "")
                 raise AirflowSkipException(f"not loading {target}: {state}{hint}")
-            result = runner.load_changes(cfg, entity, run_id, target, url_overrides=_connection_urls(cfg, target),
-                                         progress=log.info)
-            if result["failed"] or result["status"] == "stopped":  # recorded: fail visibly, no retry
+            result = runner.apply_load(cfg, entity, run_id, target, url_overrides=_connection_urls(cfg, target),
+                                       progress=log.info)
+            if result["failed"] or result["status"] == "stopped":  # journalled: fail visibly, no retry
                 raise AirflowFailException(
                     f"load into {target} incomplete: {result['failed']} change(s) failed"
-                    f"{'; ' + result['reason'] if result.get('reason') else ''} (recorded; the run ends incomplete)")
+                    f"{'; ' + result['reason'] if result.get('reason') else ''} (recorded by record_loads; the "
+                    f"run ends incomplete)")
             return result
 
         @task(**per_target, **lineage["load"])
@@ -355,8 +362,19 @@ def build_dag(cfg: Config, entity: str):
             return load_target(target)
 
         @task(**per_target, **lineage["load"])
-        def load_approved(target: str) -> dict:
+        def load_approved(target: str, on_queue: str | None = None) -> dict:
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            if cfg.systems[target].queue != on_queue:  # approve_load answers every queue's targets at once
+                raise AirflowSkipException(f"{target} loads on its own queue ({cfg.systems[target].queue or 'default'})")
             return load_target(target)
+
+        # Always runs once the loads are done (also after one failed): what they wrote goes into the warehouse.
+        @task(trigger_rule=TriggerRule.ALL_DONE, **warehouse)
+        def record_loads() -> dict:
+            from reconcile import runner
+
+            return runner.record_loads(cfg, entity, get_current_context()["run_id"], progress=log.info)
 
         approve_load = LoadApprovalOperator(
             task_id="approve_load",
@@ -385,19 +403,24 @@ def build_dag(cfg: Config, entity: str):
 
             ctx = get_current_context()
             summary = runner.finish_run(cfg, entity, ctx["run_id"], progress=log.info,
-                                        failed_tasks=_failed_tasks(ctx, systems, extract_queues))
+                                        failed_tasks=_failed_tasks(ctx, systems, queues))
             return conclude_run(ctx, summary)
 
-        # One mapped `extract` per queue: `extract` on the default queue, `extract_on_<queue>` for systems with one.
-        extracts = [extract.override(task_id=f"extract_on_{queue}", queue=queue).expand(system=on) if queue
-                    else extract.expand(system=on)
-                    for queue, on in sorted(extract_queues.items(), key=lambda kv: kv[0] or "")]
+        # One mapped `extract` (and `load`, `load_approved`) per queue: on the default queue, and
+        # `<task>_on_<queue>` for the systems with one.
+        def on_queues(mapped, name: str, per: dict) -> list:
+            return [mapped.override(task_id=f"{name}_on_{queue}", queue=queue).expand(**over) if queue
+                    else mapped.expand(**over)
+                    for queue, over in sorted(per.items(), key=lambda kv: kv[0] or "")]
+
+        extracts = on_queues(extract, "extract", {q: {"system": on} for q, on in queues.items()})
         # The stages in pipeline.STAGES order; the approval branch sits between planning and the per-target load.
         tasks = {"begin_run": begin_run(), "extract": extracts, "load_staging": load_staging(),
                  "validate": validate.expand(system=systems), "apply_gates": apply_gates(),
                  "resolve_identity": resolve_identity(), "build_golden": build_golden(),
                  "guard_collisions": guard_collisions(), "plan_changes": plan_changes(),
-                 "load": load.expand(target=systems), "purge_erased": purge_erased(), "finish_run": finish_run()}
+                 "load": on_queues(load, "load", {q: {"target": on} for q, on in queues.items()}),
+                 "record_loads": record_loads(), "purge_erased": purge_erased(), "finish_run": finish_run()}
         for name in ("load_staging", "build_golden"):  # staging columns <- source columns; golden fields <- them
             with_column_lineage(tasks[name].operator, datasets[name]["outputs"])
         order = task_ids()
@@ -411,7 +434,11 @@ def build_dag(cfg: Config, entity: str):
             else:
                 tasks[upstream] >> tasks[downstream]
         after_load = tasks[order[order.index("load") + 1]]
-        branch >> approve_load >> load_approved.expand(target=approve_load.output) >> after_load
+        # Every queue's load_approved maps over approve_load's answer (XCom can be mapped over only whole).
+        approved = [load_approved.override(task_id=f"load_approved_on_{q}", queue=q).partial(on_queue=q).expand(
+                        target=approve_load.output) if q else load_approved.expand(target=approve_load.output)
+                    for q in sorted(queues, key=lambda q: q or "")]
+        branch >> approve_load >> approved >> after_load
 
     return reconcile_entity()
 

@@ -31,6 +31,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("guard_collisions", "guard_collisions", recorded="guard"),
     Stage("plan_changes", "plan_changes", recorded="plan"),
     Stage("load_changes", "load", per="target", recorded="load"),
+    Stage("record_loads", "record_loads", always=True),
     Stage("purge_erased", "purge_erased", always=True),
     Stage("finish_run", "finish_run", always=True),
 )

@@ -22,7 +22,7 @@ from .errors import ReconcileError
 from .html.datadocs import make_offline
 from .lazy import lazy_module
 from .pipeline import EXTRACT_ONLY_THROUGH, STAGES
-from .runstore import RunFolder, prune
+from .runstore import RunFolder, kept_folders, prune
 from .warehouse import open_work, publish, safe_name, staging_table, table_exists
 
 # Stage modules load on first use, so a CLI verb or an Airflow task imports only what it runs.
@@ -107,12 +107,19 @@ def abandoned_runs(con, entity: str, run_id: str) -> list[str]:
 
 def recover_runs(cfg: Config, entity: str, run_id: str, url_overrides: Mapping[str, str] | None = None,
                  progress: Progress = _quiet) -> list[dict]:
-    """Finish the entity's abandoned runs (`abandoned_runs`) as `reconcile load --run ID` would: changes left
-    `applying` are verified against the target (written: applied, with their link and ledger rows; not
-    written: planned again), the rest of their approved changes loaded, each exactly once; then each run is
-    finished again, marked `recovered_by` this run. Returns their summaries."""
+    """Record the load journals earlier runs left unrecorded (`record_pending_loads`), then finish the
+    entity's abandoned runs (`abandoned_runs`, and the finished runs whose journals were just recorded) as
+    `reconcile load --run ID` would: changes left `applying` are verified against the target (written:
+    applied, with their link and ledger rows; not written: written now), the rest of their approved changes
+    loaded, each exactly once; then each run is finished again, marked `recovered_by` this run. Returns their
+    summaries."""
+    journalled = record_pending_loads(cfg, entity, run_id, progress)
     with open_work(cfg) as con:
         found = abandoned_runs(con, entity, run_id)
+        found += [r for (r,) in con.execute(  # finished before their loads were recorded: finish them again
+            """SELECT run_id FROM audit.runs WHERE entity = ? AND status <> 'running'
+               AND run_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY started_at, run_id""",
+            [entity, journalled]).fetchall() if r not in found]
     out = []
     for old in found:
         progress(f"  recovering run {old} of {entity}: abandoned by its process; verifying and finishing it")
@@ -313,12 +320,16 @@ def plan_changes(cfg: Config, entity: str, run_id: str, dry_run: bool | None = N
 def targets_to_load(cfg: Config, entity: str, run_id: str) -> dict[str, str]:
     """target -> 'ok' | 'awaiting_approval' | 'rejected' | 'dry_run' | 'nothing' (for orchestrators' branching)."""
     with open_work(cfg, read_only=True) as con:
-        states = load_stage.allowed_targets(con, entity, run_id)
-        counts = dict(con.execute("""SELECT target, count(*) FILTER (WHERE status IN ('planned', 'applying'))
-                                     FROM audit.changes WHERE run_id = ? AND entity = ? GROUP BY 1""",
-                                  [run_id, entity]).fetchall())
-        dry = con.execute("SELECT count(*) FROM audit.changes WHERE run_id = ? AND entity = ? AND status = 'dry_run'",
-                          [run_id, entity]).fetchone()[0]
+        return _load_states(con, cfg, entity, run_id)
+
+
+def _load_states(con, cfg: Config, entity: str, run_id: str) -> dict[str, str]:
+    states = load_stage.allowed_targets(con, entity, run_id)
+    counts = dict(con.execute("""SELECT target, count(*) FILTER (WHERE status IN ('planned', 'applying'))
+                                 FROM audit.changes WHERE run_id = ? AND entity = ? GROUP BY 1""",
+                              [run_id, entity]).fetchall())
+    dry = con.execute("SELECT count(*) FROM audit.changes WHERE run_id = ? AND entity = ? AND status = 'dry_run'",
+                      [run_id, entity]).fetchone()[0]
     out = {}
     for target in sorted(cfg.entities[entity].sources):
         if dry:
@@ -330,27 +341,89 @@ def targets_to_load(cfg: Config, entity: str, run_id: str) -> dict[str, str]:
     return out
 
 
+def export_loads(cfg: Config, entity: str, run_id: str, targets: Iterable[str] | None = None) -> dict[str, str]:
+    """The load's first step, on the warehouse (short): record what earlier loads of the run journalled, then
+    write each target's change set and load state (`targets_to_load`) into the run storage, where
+    `apply_load` reads them on any worker. Returns the states of the targets exported (default: all)."""
+    folder = RunFolder(cfg, run_id, entity)
+    with open_work(cfg) as con:
+        for t in sorted(cfg.entities[entity].sources):
+            load_stage.record(con, entity, t, run_id, folder)
+        states = _load_states(con, cfg, entity, run_id)
+        wanted = sorted(states) if targets is None else sorted(targets)
+        for t in wanted:
+            load_stage.export(con, entity, t, run_id, folder, states[t])
+    return {t: states[t] for t in wanted}
+
+
+def load_state(cfg: Config, entity: str, run_id: str, target: str) -> str:
+    """Whether `apply_load` may write the target, as `export_loads` left it in the run storage (no warehouse)."""
+    return load_stage.state(RunFolder(cfg, run_id, entity), target)
+
+
+def apply_load(cfg: Config, entity: str, run_id: str, target: str,
+               url_overrides: Mapping[str, str] | None = None, progress: Progress = _quiet) -> dict:
+    """The load's second step, on any worker that reaches the target and the run storage (opens no warehouse):
+    apply the target's exported change set in batches, journalled in the run storage; call again after a
+    crash, on any worker: it resumes from the journal, writing nothing twice."""
+    url = resolve_url(cfg, target, url_overrides)
+    return load_stage.apply(cfg, entity, target, url, RunFolder(cfg, run_id, entity), progress)
+
+
+def record_loads(cfg: Config, entity: str, run_id: str, progress: Progress = _quiet) -> dict[str, dict]:
+    """The load's last step, on the warehouse (short): every target's journal into audit.changes, the links,
+    the write ledger and review; each load's outcome for the run's status (an incomplete load: `report`).
+    Idempotent. Returns the outcome per target recorded now."""
+    folder = RunFolder(cfg, run_id, entity)
+    out = {}
+    with open_work(cfg) as con:
+        for target in sorted(cfg.entities[entity].sources):
+            result = load_stage.record(con, entity, target, run_id, folder)
+            if result is not None:
+                out[target] = result
+                progress(f"  load {target}: {result['status']}, {result['applied']} applied, {result['failed']} "
+                         f"failed, {result['skipped_conflict']} skipped as conflicts"
+                         f"{'; ' + result['reason'] if result.get('reason') else ''}")
+    return out
+
+
+def record_pending_loads(cfg: Config, entity: str, run_id: str, progress: Progress = _quiet) -> list[str]:
+    """Record the load journals of the entity's earlier runs that were never recorded (a run killed between
+    applying and recording): what they wrote is then in the warehouse exactly once, and what they left
+    mid-batch `applying`, for `recover_runs` to verify. Returns those runs."""
+    found = []
+    with open_work(cfg) as con:
+        for folder in kept_folders(cfg, entity):
+            if not folder.exists("manifest.json"):
+                continue
+            old = folder.read_json("manifest.json")["run_id"]
+            if old == run_id:
+                continue
+            if any(load_stage.record(con, entity, t, old, folder) is not None
+                   for t in sorted(cfg.entities[entity].sources)):
+                progress(f"  recorded what the loads of run {old} of {entity} journalled and never recorded")
+                found.append(old)
+    return found
+
+
 def load_changes(cfg: Config, entity: str, run_id: str, target: str,
                  url_overrides: Mapping[str, str] | None = None, progress: Progress = _quiet) -> dict:
-    """Apply one target's approved changes in batches (resumable: call again after a crash). The outcome is
-    recorded for the run's status (an incomplete load: `report`); meanwhile this process owns the run."""
-    url = resolve_url(cfg, target, url_overrides)
-    t0 = time.monotonic()
+    """Load one target's approved changes in one process (the CLI; resumable: call again after a crash): the
+    three steps an orchestrator runs as separate tasks (`export_loads`, `apply_load`, `record_loads`).
+    Meanwhile this process owns the run."""
     with open_work(cfg) as con:
         before = _set_owner(con, entity, run_id, owner_id())
+    try:
+        export_loads(cfg, entity, run_id, [target])
         try:
-            result = load_stage.load_target(con, cfg, entity, target, run_id, url, progress)
-        except Exception as e:
-            report.record_load(con, entity, run_id, target, {"target": target, "status": "error", "error": str(e)},
-                               utc_naive(datetime.now(timezone.utc)), round(time.monotonic() - t0, 3))
-            raise
+            apply_load(cfg, entity, run_id, target, url_overrides, progress)
         finally:
+            result = record_loads(cfg, entity, run_id, progress).get(target)
+    finally:
+        with open_work(cfg) as con:
             _set_owner(con, entity, run_id, before)
-        report.record_load(con, entity, run_id, target, result, utc_naive(datetime.now(timezone.utc)),
-                           round(time.monotonic() - t0, 3))
-    progress(f"  load {target}: {result['status']}, {result['applied']} applied, {result['failed']} failed, "
-             f"{result['skipped_conflict']} skipped as conflicts{'; ' + result['reason'] if result.get('reason') else ''}")
-    return result
+    return result or {"target": target, "status": load_state(cfg, entity, run_id, target), "applied": 0,
+                      "failed": 0, "skipped_conflict": 0}
 
 
 def approve(cfg: Config, entity: str, run_id: str, by: str, targets: list[str] | None = None,

@@ -2,7 +2,8 @@
 
 `<runs>/<run id>/<entity>/` holds the run's manifest (begin_run), one Parquet extract per system
 (extract_system, on any worker) and the gate outcomes (validate_system); load_staging reads the extracts on
-the warehouse worker. `<runs>` is the config's `runs_url`: a local path by default (`<state_dir>/runs`), or
+the warehouse worker. `load/<target>/` holds each target's change set and its load journal (stages/load.py:
+exported on the warehouse worker, applied on any worker, recorded on the warehouse worker). `<runs>` is the config's `runs_url`: a local path by default (`<state_dir>/runs`), or
 any fsspec URL (`s3://bucket/prefix`, `file:///shared/runs`, ...), so an extract written by worker A is staged
 by worker B. Credentials come from the filesystem's usual sources (environment, instance roles, fsspec's
 `FSSPEC_<PROTOCOL>_<OPTION>` variables), never from the config.
@@ -46,6 +47,12 @@ class RunFolder:
         self.fs, root = _filesystem(cfg)
         self.protocol = cfg.runs_location.split("://")[0] if "://" in cfg.runs_location else "file"
         self.root = f"{root}/{safe_name(run_id)}/{entity}"
+
+    def sub(self, name: str) -> "RunFolder":
+        """The folder `name` (e.g. `load/crm`) inside this one."""
+        folder = object.__new__(RunFolder)
+        folder.fs, folder.protocol, folder.root = self.fs, self.protocol, f"{self.root}/{name}"
+        return folder
 
     @property
     def is_local(self) -> bool:
@@ -95,6 +102,7 @@ class RunFolder:
         with tempfile.TemporaryDirectory(prefix="reconcile-run-") as tmp:
             local = Path(tmp) / name
             yield local
+            self.fs.makedirs(self.root, exist_ok=True)
             target = self.path(f".{name}.{uuid.uuid4().hex[:12]}.tmp")
             self.fs.put_file(str(local), target)
             self.fs.mv(target, self.path(name))

@@ -19,8 +19,8 @@ DAG_FILE = REPO / "dags" / "reconcile_dags.py"
 # The stages of reconcile.pipeline.STAGES in their order (runner.run_entity follows it too), with the approval
 # branch before the per-target load; extract, validate and load are mapped per system.
 CHAIN = [t for s in task_ids() for t in (["check_approval", s] if s == "load" else [s])]
-# The branch check_approval -> approve_load -> load_approved -> purge_erased, taken only when a load needs approval.
-APPROVAL = ["check_approval", "approve_load", "load_approved", "purge_erased", "finish_run"]
+# The branch check_approval -> approve_load -> load_approved -> record_loads, taken only when a load needs approval.
+APPROVAL = ["check_approval", "approve_load", "load_approved", "record_loads", "purge_erased", "finish_run"]
 # Run even when an upstream task failed: gate outcomes are recorded after a failed gate; erased people's values
 # are removed; the run is recorded.
 ALL_DONE = {"apply_gates"} | {s.task for s in STAGES if s.always}
@@ -89,6 +89,7 @@ def test_dag_tasks(dag_bag, demo_config, dag_id):
         assert dag.get_task(task_id).downstream_task_ids == {following}, task_id
     assert dag.get_task("finish_run").trigger_rule == "all_done", "finish_run must record failed runs too"
     assert dag.get_task("purge_erased").trigger_rule == "all_done", "erased values must go after a failure too"
+    assert dag.get_task("record_loads").trigger_rule == "all_done", "what a load wrote is recorded, also after a failure"
     assert dag.get_task("apply_gates").trigger_rule == "all_done", "gates must be recorded after a failed gate"
     assert all(t.trigger_rule == "all_success" for t in dag.tasks if t.task_id not in ALL_DONE)
 
@@ -199,14 +200,17 @@ def test_branch_reaches_approval_only_when_a_load_waits_for_it():
 
 
 def test_queues(demo_config, parse_dags):
-    """Tasks that open the warehouse go to the warehouse worker's queue; extracts to any worker, or to their
-    system's queue (one mapped `extract_on_<queue>` per queue). The LocalExecutor ignores queues."""
+    """Tasks that open the warehouse go to the warehouse worker's queue; extracts and loads to any worker, or to
+    their system's queue (one mapped `extract_on_<queue>`, `load_on_<queue>`, `load_approved_on_<queue>` per
+    queue). The LocalExecutor ignores queues."""
     from airflow.sdk.definitions.mappedoperator import MappedOperator
 
+    off_warehouse = {"extract", "load", "load_approved"}
     default = parse_dags(demo_config).dags["reconcile_contact"]
     default_queue = default.get_task("extract").queue
     assert default_queue != "reconcile_warehouse"  # Airflow's [operators] default_queue
-    assert {t.task_id for t in default.tasks if t.queue == "reconcile_warehouse"} == set(default.task_ids) - {"extract"}
+    assert {t.task_id for t in default.tasks if t.queue == "reconcile_warehouse"} == set(default.task_ids) - off_warehouse
+    assert {default.get_task(t).queue for t in off_warehouse} == {default_queue}
 
     data = yaml.safe_load(demo_config.read_text())
     data["queues"] = {"warehouse": "wh_disk"}
@@ -215,7 +219,15 @@ def test_queues(demo_config, parse_dags):
     config.write_text(yaml.safe_dump(data))
     dag = parse_dags(config).dags["reconcile_contact"]
 
-    assert {t.task_id for t in dag.tasks if t.queue == "wh_disk"} == set(dag.task_ids) - {"extract", "extract_on_onprem"}
+    on_queues = {f"{t}_on_onprem" for t in off_warehouse}
+    assert {t.task_id for t in dag.tasks if t.queue == "wh_disk"} == set(dag.task_ids) - off_warehouse - on_queues
+    assert {dag.get_task(t).queue for t in on_queues} == {"onprem"}
+    assert dag.get_task("load_on_onprem")._get_specified_expand_input().value == {"target": ["erp"]}
+    assert dag.get_task("load")._get_specified_expand_input().value == {"target": ["crm", "marketing"]}
+    for task_id in on_queues - {"extract_on_onprem"}:
+        task = dag.get_task(task_id)
+        assert task.upstream_task_ids == dag.get_task(task_id.removesuffix("_on_onprem")).upstream_task_ids
+        assert task.downstream_task_ids == {"record_loads"}
     onprem = dag.get_task("extract_on_onprem")
     assert isinstance(onprem, MappedOperator) and onprem.queue == "onprem"
     assert onprem._get_specified_expand_input().value == {"system": ["erp"]}

@@ -3,9 +3,10 @@
 Starts a scheduler, a dag-processor, an api-server, a triggerer and two Celery workers: `warehouse`, serving
 the config's `queues.warehouse`, and `general`, serving Airflow's default queue. Extracts hand their Parquet
 files to the warehouse worker through a separate run storage folder given as a `file://` URL
-(`RECONCILE_RUNS_URL`). The test triggers `reconcile_contact` on a demo deployment through the REST API (a
-JWT from /auth/token), waits for it, and checks that the extracts ran on the general worker and everything
-else on the warehouse worker (task instances' hostnames and queues) and the warehouse's state; then
+(`RECONCILE_RUNS_URL`), and the warehouse worker hands the loads their change sets the same way. The test
+triggers `reconcile_contact` on a demo deployment through the REST API (a JWT from /auth/token), waits for
+it, and checks that the extracts and the loads ran on the general worker and everything else on the
+warehouse worker (task instances' hostnames and queues) and the warehouse's state; then
 triggers contact's second run and a second entity's DAG (`reconcile_lead`, a dry run) together: both finish,
 contact converges (nothing left to write) and lead is staged in full. The OpenLineage provider's file
 transport records every task's events: they carry the systems and warehouse tables as datasets. Everything it
@@ -233,17 +234,22 @@ def test_celery_run_spreads_tasks_over_two_workers_and_converges(metadata_db, tm
 
         ran = [t for t in tis if t["state"] in ("success", "failed")]
         where = {(t["task_id"], t["map_index"]): (t["hostname"], t["queue"]) for t in ran}
-        extracts = {k: v for k, v in where.items() if k[0] == "extract"}
-        assert sorted(extracts) == [("extract", 0), ("extract", 1), ("extract", 2)]
-        assert set(extracts.values()) == {(f"general-{suffix}", general_queue)}
-        others = {k: v for k, v in where.items() if k[0] != "extract"}
-        assert {"begin_run", "load_staging", "validate", "apply_gates", "build_golden", "finish_run"} <= {
-            k[0] for k in others}
+        general = {k: v for k, v in where.items() if k[0] in ("extract", "load")}
+        assert sorted(k for k in general if k[0] == "extract") == [("extract", 0), ("extract", 1), ("extract", 2)]
+        # the loads ran (the demo's first night writes the CRM and marketing), off the warehouse worker
+        assert sorted(k for k in general if k[0] == "load") == [("load", 0), ("load", 2)], where
+        assert set(general.values()) == {(f"general-{suffix}", general_queue)}
+        others = {k: v for k, v in where.items() if k not in general}
+        assert {"begin_run", "load_staging", "validate", "apply_gates", "build_golden", "check_approval",
+                "record_loads", "finish_run"} <= {k[0] for k in others}
         assert set(others.values()) == {(f"warehouse-{suffix}", warehouse_queue)}, others
-        # The Parquet hand-off went through the shared run storage, never the warehouse's state folder.
+        # The Parquet hand-off went through the shared run storage, never the warehouse's state folder: the
+        # extracts to load_staging, the change sets to the loads, their journals to record_loads.
         cfg = load_config(config)
         assert sorted(p.name for p in runs.glob("*/contact/*.parquet")) == ["crm.parquet", "erp.parquet",
                                                                              "marketing.parquet"]
+        assert sorted(p.parent.parent.name for p in runs.glob("*/contact/load/*/*/recorded.json")) == [
+            "crm", "marketing"]
         assert not (cfg.state_dir / "runs").exists()
 
         con = duckdb.connect(str(cfg.warehouse_path), read_only=True)

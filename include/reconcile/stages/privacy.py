@@ -391,7 +391,7 @@ def erase_spec(cfg: Config, entity: str, target: str) -> str:
     """The `after_raw` of an `erase` change into `target`: JSON `{"mode", "columns"}`; for anonymize, the
     columns mapped to string fields plus the configured `columns`, without the key and `retain`. With
     `columns: all` it also carries `"all": true` and `"retain"`, resolved against the system's real columns
-    when the load starts (`resolve_erase_columns`)."""
+    when the load starts (`resolve_erase_spec`)."""
     source = cfg.entities[entity].sources[target]
     ent = cfg.entities[entity]
     settings = cfg.systems[target].writes.erase_settings
@@ -405,21 +405,12 @@ def erase_spec(cfg: Config, entity: str, target: str) -> str:
     return json.dumps(spec)
 
 
-def resolve_erase_columns(con, connector, source, entity: str, target: str, run_id: str) -> int:
-    """Before a load: the run's `erase` changes into `target` configured with `columns: all` get the
-    system's real columns (every one but the key, `modified_at` and `retain`), so the load, a resume and
-    audit.changes all name exactly what was blanked. Returns the changes resolved."""
-    rows = con.execute("""SELECT DISTINCT after_raw FROM audit.changes WHERE run_id = ? AND entity = ? AND target = ?
-                          AND operation = 'erase' AND status IN ('planned', 'applying')
-                          AND TRY_CAST(after_raw->>'all' AS BOOLEAN)""", [run_id, entity, target]).fetchall()
-    if not rows:
-        return 0
-    real = set(connector.columns(source)) - {source.key, source.modified_at}
-    n = 0
-    for (raw,) in rows:  # one spec per target and run: a loop over configurations, not records
-        spec = json.loads(raw)
-        resolved = {"mode": spec["mode"], "columns": sorted((set(spec["columns"]) | real) - set(spec["retain"]))}
-        n += con.execute("""UPDATE audit.changes SET after_raw = ? WHERE run_id = ? AND entity = ? AND target = ?
-                            AND operation = 'erase' AND after_raw = ?""",
-                         [json.dumps(resolved), run_id, entity, target, raw]).fetchone()[0]
-    return n
+def resolve_erase_spec(raw: str, real_columns) -> str | None:
+    """An `erase` change's spec configured with `columns: all`, with the system's real columns (`real_columns`,
+    the connector's: every one but the key and `modified_at`) minus `retain`: what the load blanks, what a
+    resumed load verifies and what audit.changes names once recorded. None for any other spec."""
+    spec = json.loads(raw)
+    if not spec.get("all"):
+        return None
+    return json.dumps({"mode": spec["mode"],
+                       "columns": sorted((set(spec["columns"]) | set(real_columns)) - set(spec["retain"]))})
