@@ -302,3 +302,18 @@ def test_term_frequencies_count_other_people_not_the_records_of_the_same_person(
     # people holding a value: p1 1, p2 1, p3 1, p4 3, so 6 in all; within the CRM 6 people, 3 of them share
     # p4: 6 agreeing ordered pairs of 30, on the ERP 0 of 2: average u 6 / 32
     assert tf == {"p1": 6 / 32, "p2": 6 / 32, "p3": 6 / 32, "p4": 2 / 6}
+
+
+def test_em_trains_on_the_fewest_blocking_rules_that_estimate_every_comparison():
+    from reconcile.stages.identity_model import ModelSpec, em_rules
+
+    # the demo's rules: email estimates names, company and phone; phone then estimates email; the name and
+    # company rules would only estimate again what is estimated
+    demo = ModelSpec(fields=["email", "first_name", "last_name", "company", "phone"],
+                     blocking=[["email"], ["phone"], ["first_name", "last_name"], ["last_name", "company"],
+                               ["first_name", "company"]], names=("first_name", "last_name"))
+    assert em_rules(demo) == [["email"], ["phone"]]
+    # a rule over one name field cannot estimate the name comparison (it uses both fields)
+    no_email = ModelSpec(fields=["first_name", "last_name", "company", "phone"],
+                         blocking=[["last_name"], ["phone"], ["company"]], names=("first_name", "last_name"))
+    assert em_rules(no_email) == [["last_name"], ["phone"]]
