@@ -236,8 +236,9 @@ def test_celery_run_spreads_tasks_over_two_workers_and_converges(metadata_db, tm
         where = {(t["task_id"], t["map_index"]): (t["hostname"], t["queue"]) for t in ran}
         general = {k: v for k, v in where.items() if k[0] in ("extract", "load")}
         assert sorted(k for k in general if k[0] == "extract") == [("extract", 0), ("extract", 1), ("extract", 2)]
-        # the loads ran (the demo's first night writes the CRM and marketing), off the warehouse worker
-        assert sorted(k for k in general if k[0] == "load") == [("load", 0), ("load", 2)], where
+        # the loads ran (the demo's first night writes the CRM and marketing at least), off the warehouse worker
+        loaded = sorted(["crm", "erp", "marketing"][i] for task, i in general if task == "load")
+        assert {"crm", "marketing"} <= set(loaded), where
         assert set(general.values()) == {(f"general-{suffix}", general_queue)}
         others = {k: v for k, v in where.items() if k not in general}
         assert {"begin_run", "load_staging", "validate", "apply_gates", "build_golden", "check_approval",
@@ -248,8 +249,7 @@ def test_celery_run_spreads_tasks_over_two_workers_and_converges(metadata_db, tm
         cfg = load_config(config)
         assert sorted(p.name for p in runs.glob("*/contact/*.parquet")) == ["crm.parquet", "erp.parquet",
                                                                              "marketing.parquet"]
-        assert sorted(p.parent.parent.name for p in runs.glob("*/contact/load/*/*/recorded.json")) == [
-            "crm", "marketing"]
+        assert sorted(p.parent.parent.name for p in runs.glob("*/contact/load/*/*/recorded.json")) == loaded
         assert not (cfg.state_dir / "runs").exists()
 
         con = duckdb.connect(str(cfg.warehouse_path), read_only=True)
