@@ -352,7 +352,7 @@ def _splink_default(staged: dict):
     import splink.comparison_library as cl
     from splink import DuckDBAPI, Linker, SettingsCreator, block_on
 
-    con = duckdb.connect()
+    con = duckdb.connect(config={"memory_limit": "25%"})  # the same budget as reconcile's own databases
     db = DuckDBAPI(connection=con)
     frames = []
     for s, t in staged.items():
