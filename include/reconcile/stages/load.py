@@ -42,8 +42,6 @@ from ..transforms import sql_literal
 from ..warehouse import transaction
 from . import privacy
 
-STAGE = "load"
-LOADABLE = ("planned", "applying")
 CHUNK = 50_000  # change set rows per Parquet read
 
 
