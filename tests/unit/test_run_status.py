@@ -160,7 +160,7 @@ def test_every_stage_has_its_seconds_in_the_summary_in_audit_runs_and_in_run_sta
     expected = (["begin_run"] + [f"extract:{x}" for x in systems] + ["load_staging"]
                 + [f"validate:{x}" for x in systems]
                 + ["apply_gates", "resolve_identity", "build_golden", "guard_collisions", "plan_changes"]
-                + [f"load:{t}" for t in s["changes"]] + ["purge_erased"])
+                + [f"load:{t}" for t in s["changes"]] + ["record_loads", "purge_erased"])
     assert list(s["stages"]) == expected  # pipeline order, task names
     assert all(isinstance(v, float) and v >= 0 for v in s["stages"].values())
     assert [t for t in pipeline.task_ids() if t not in {k.split(":")[0] for k in s["stages"]}] == ["finish_run"]
