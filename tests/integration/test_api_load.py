@@ -179,18 +179,24 @@ def test_a_create_refused_with_409_is_held_with_the_existing_id(tmp_path, api):
     assert Counter(s for *_, s in api.requests)[409] == 2  # the batch, then the record alone: never again
 
 
-@pytest.mark.slow
-def test_a_load_killed_mid_way_resumes_exactly_once_against_the_api(tmp_path, api):
+def add_renamed_kims(root) -> None:
+    """Twelve people in both systems whose CRM first name (New<i>) differs from marketing's (Old<i>): twelve
+    updates for the marketing load, enough for several batches."""
     many = [(f"K{i:03d}", f"k{i}@example.com", f"New{i}", "Kim", None, 0, "2026-01-03 10:00:00") for i in range(12)]
-    crm = sqlite3.connect(tmp_path / "systems" / "crm.db")
+    crm = sqlite3.connect(root / "systems" / "crm.db")
     crm.executemany("INSERT INTO contact VALUES (?, ?, ?, ?, ?, ?, ?)", many)
     crm.commit()
     crm.close()
-    m = sqlite3.connect(tmp_path / "systems" / "marketing.db")
+    m = sqlite3.connect(root / "systems" / "marketing.db")
     m.executemany("INSERT INTO contacts (vid, email, firstname, lastname) VALUES (?, ?, ?, 'Kim')",
                   [(100 + i, f"k{i}@example.com", f"Old{i}") for i in range(12)])
     m.commit()
     m.close()
+
+
+@pytest.mark.slow
+def test_a_load_killed_mid_way_resumes_exactly_once_against_the_api(tmp_path, api):
+    add_renamed_kims(tmp_path)
     path = make(tmp_path, api, changes="{update: {max: 0}}", batch=1, pause=0.3)
     cfg = load_config(path)
     assert night(cfg, 1)["status"] == "awaiting_approval"

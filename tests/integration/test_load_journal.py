@@ -21,7 +21,7 @@ from reconcile.config import load_config
 from reconcile.runstore import RunFolder
 
 from ..unit import test_plan_load as sqlite_targets
-from .test_api_load import api, make as make_api, mkt  # noqa: F401  (api: the fixture)
+from .test_api_load import add_renamed_kims, api, make as make_api, mkt  # noqa: F401  (api: the fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -128,16 +128,7 @@ def _journal(cfg, target: str) -> RunFolder:
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_batch_is_retried_from_the_journal_writing_and_recording_everything_once(tmp_path, api):
-    many = [(f"K{i:03d}", f"k{i}@example.com", f"New{i}", "Kim", None, 0, "2026-01-03 10:00:00") for i in range(12)]
-    crm = sqlite3.connect(tmp_path / "systems" / "crm.db")
-    crm.executemany("INSERT INTO contact VALUES (?, ?, ?, ?, ?, ?, ?)", many)
-    crm.commit()
-    crm.close()
-    m = sqlite3.connect(tmp_path / "systems" / "marketing.db")
-    m.executemany("INSERT INTO contacts (vid, email, firstname, lastname) VALUES (?, ?, ?, 'Kim')",
-                  [(100 + i, f"k{i}@example.com", f"Old{i}") for i in range(12)])
-    m.commit()
-    m.close()
+    add_renamed_kims(tmp_path)
     path = with_runs_url(make_api(tmp_path, api, changes="{update: {max: 0}}", batch=5))
     cfg = load_config(path)
     assert sqlite_targets.night(cfg, 1)["status"] == "awaiting_approval"
