@@ -268,6 +268,8 @@ def identity_bench(root: Path, people: int, seed: int) -> None:
 
     init_demo(root, people=people, seed=seed, force=True)
     cfg = load_config(root / "reconcile.yaml")
+    for stale in (cfg.state_dir, cfg.warehouse_path.parent):
+        shutil.rmtree(stale, ignore_errors=True)  # a kept folder's warehouse holds another run's links
     key = root / "answer_key.csv"
 
     def stage_to_identity(run_id: str, run_at: datetime) -> tuple[dict, float]:

@@ -326,3 +326,72 @@ def test_config_describes_the_generated_systems(demo):
                 if isinstance(transform, dict):  # every stored value has a mapping
                     values = {str(v) for (v,) in con.execute(f"SELECT DISTINCT {column} FROM {table}")}
                     assert values <= set(transform["map"]), (system, column, values)
+
+
+def _names_and_companies(directory: Path) -> list[tuple[str, str, str | None, str]]:
+    """(first, last, company, person) of every record of the three systems, names lowercased."""
+    key = person_of(directory)
+    out = []
+    for system, sql in (("crm", "SELECT contactid, firstname, lastname, companyname FROM contact"),
+                        ("marketing", "SELECT vid, firstname, lastname, company FROM contacts"),
+                        ("erp", "SELECT customer_number, first_name, last_name, company_name FROM customer")):
+        with connect(directory, system) as con:
+            out += [(f.lower(), l.lower(), c, key[(system, str(k))]) for k, f, l, c in con.execute(sql)]
+    return out
+
+
+def test_small_demos_draw_names_and_companies_from_the_built_in_lists(demo):
+    from reconcile.demo import names
+
+    firsts = {n.lower() for n in (*names.FIRST_NAMES, *names.NICKNAMES.values())}
+    lasts = {n.lower() for n in names.LAST_NAMES}
+    anagrams = {"".join(sorted(n)) for n in lasts}  # an ERP surname typo swaps two letters
+    companies = {c for c, _ in names.COMPANIES}
+    random_people = [r for r in _names_and_companies(demo) if r[3] > "P000020"]  # after the fixed examples
+    assert random_people
+    for first, last, company, person in random_people:
+        assert first in firsts or first in lasts, (first, person)  # swapped names hold a surname as first name
+        assert last in lasts or last in firsts or "".join(sorted(last)) in anagrams, (last, person)
+        assert company is None or company in companies, (company, person)
+
+
+def test_large_demos_have_a_long_tail_so_a_full_name_and_company_mostly_name_one_person(tmp_path):
+    """From 5,000 people on, invented names and companies join the built-in lists and the tail grows with
+    the population: distinct values grow, and two records sharing first name, last name and company are
+    nearly always one person (with the built-in lists alone, 200 surnames and 50 companies, they are not)."""
+    from reconcile.demo import names
+
+    counts = {}
+    for people in (6_000, 24_000):
+        init_demo(tmp_path / str(people), people=people, seed=5)
+        rows = _names_and_companies(tmp_path / str(people))
+        counts[people] = [len({r[i] for r in rows}) for i in range(3)]
+        groups: dict[tuple, list[str]] = {}
+        for first, last, company, person in rows:
+            if company is not None:
+                groups.setdefault((first, last, company), []).append(person)
+        pairs = same = 0
+        for persons in groups.values():
+            for i, a in enumerate(persons):
+                for b in persons[i + 1:]:
+                    pairs, same = pairs + 1, same + (a == b)
+        assert same / pairs > 0.98, (people, same, pairs)
+        head = sum(1 for r in rows if r[2] in {c for c, _ in names.COMPANIES}) / len(rows)
+        assert 0.05 < head < 0.15, head  # one person in ten works at one of the 50 built-in companies
+    assert counts[6_000][0] > 1.3 * len(names.FIRST_NAMES), counts  # first names, surnames, companies
+    assert counts[6_000][1] > 10 * len(names.LAST_NAMES), counts
+    assert counts[6_000][2] > 20 * len(names.COMPANIES), counts
+    assert counts[24_000][1] > 1.5 * counts[6_000][1], counts
+
+
+def test_the_tails_grow_with_the_population_and_a_larger_one_extends_a_smaller_one():
+    from reconcile.demo.generator import _Pools
+
+    small, large = _Pools(50_000), _Pools(400_000)
+    assert not _Pools(4_999).last[1] and not _Pools(4_999).company[1]  # below 5,000: the built-in lists only
+    for kind, (n_small, n_large) in {"first": (1_000, 4_000), "last": (10_000, 40_000),
+                                     "company": (2_500, 20_000)}.items():
+        tail_small, tail_large = getattr(small, kind)[1], getattr(large, kind)[1]
+        assert (len(tail_small), len(tail_large)) == (n_small, n_large), kind
+        assert tail_large[:n_small] == tail_small, kind
+        assert len(set(tail_large)) == n_large, kind

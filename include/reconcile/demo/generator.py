@@ -12,6 +12,7 @@ date, never from the wall clock or the global random. Stdlib only, so 100 000 pe
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import sqlite3
@@ -48,7 +49,15 @@ _P_SHARED_ONE_IN_CRM = 0.04    # of CRM-only people: a colleague signs up in mar
 _P_NICKNAME = 0.03             # marketing holds a nickname (when the first name has one)
 _P_SWAPPED = 0.004             # ERP holds first and last name swapped
 _P_CHANGED_EMAIL = 0.01        # marketing holds an older email (and company) of a CRM person, no CRM id
-_P_COMMON_NAME = 0.02          # a random person gets one of a few very common full names
+_P_COMMON_NAME = 0.02          # a random person gets one of a few very common full names (a tenth of that
+                               # with the long tail below: 0.03% of people per name, as common as "John Smith")
+
+# The long tail (names.SURNAME_PARTS ...): from _TAIL_FROM people on, a share of the people get invented
+# first names, surnames and companies instead of ones from the built-in lists: (share of the built-in head,
+# people per tail entry, smallest tail). The tail grows with the population up to all the combinations of
+# its parts (7,200 first names, 57,600 surnames, 48,000 companies).
+_TAIL_FROM = 5_000
+_TAIL = {"first": (0.7, 100, 1_000), "last": (0.3, 10, 10_000), "company": (0.1, 20, 2_000)}
 
 _DAY = 86400
 _SPECIAL_COUNT = len({pid for pids in SITUATIONS.values() for pid in pids})
@@ -302,6 +311,51 @@ _PHONE_STYLES = {
 }
 
 
+class _Pools:
+    """Where first names, surnames and companies are drawn from, for a population of `people`.
+
+    Below _TAIL_FROM people exactly the built-in lists (a draw is one `rng.choice`, so small demos stay
+    byte-identical). From there on each list is the head of a pool with a tail of invented entries (see
+    _TAIL), as in real data: a few common surnames and big employers, then a long tail. The tails do
+    not depend on the seed, and a larger population keeps a smaller one's tail and adds to it.
+    """
+
+    def __init__(self, people: int) -> None:
+        big = people >= _TAIL_FROM
+        self.common_name_rate = _P_COMMON_NAME / 10 if big else _P_COMMON_NAME
+        join = "".join
+        self.first = self._pool(names.FIRST_NAMES, names.FIRST_NAME_PARTS, "first", big and people, join)
+        self.last = self._pool(names.LAST_NAMES, names.SURNAME_PARTS, "last", big and people, join)
+        self.company = self._pool(names.COMPANIES, names.COMPANY_PARTS, "company", big and people,
+                                  _invented_company)
+
+    @staticmethod
+    def _pool(head: tuple, parts: tuple, kind: str, people: int, build) -> tuple[tuple, tuple, float]:
+        """(head, tail, share of draws from the head); the tail is the first n of one fixed shuffle of all
+        combinations of `parts` that are not in the head."""
+        if not people:
+            return head, (), 1.0
+        head_share, per_entry, smallest = _TAIL[kind]
+        taken = {h if isinstance(h, str) else h[0] for h in head}
+        combos = [c for c in dict.fromkeys(build(p) for p in itertools.product(*parts))
+                  if (c if isinstance(c, str) else c[0]) not in taken]
+        random.Random(f"reconcile-demo-{kind}").shuffle(combos)
+        return head, tuple(combos[:max(smallest, people // per_entry)]), head_share
+
+    @staticmethod
+    def draw(rng: random.Random, pool: tuple[tuple, tuple, float]):
+        head, tail, head_share = pool
+        if not tail or rng.random() < head_share:
+            return rng.choice(head)
+        return rng.choice(tail)
+
+
+def _invented_company(parts: tuple[str, ...]) -> tuple[str, str]:
+    """('Amber', 'Bay', 'Dental') -> ('Amber Bay Dental', 'amber-bay-dental.example.com')."""
+    words = [w for w in parts if w]
+    return " ".join(words), "-".join(_fold(w) for w in words) + ".example.com"
+
+
 @dataclass(slots=True)
 class _Person:
     pid: str
@@ -320,8 +374,9 @@ _AUTO = object()  # "choose at random" (None means NULL)
 class _Builder:
     """Accumulates rows for the three systems; ids that follow creation order are assigned at the end."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, pools: _Pools) -> None:
         self.rng = rng
+        self.pools = pools
         self.crm: list[tuple] = []
         self.mkt: list[tuple] = []  # (createdate, seq, row without vid, pid)
         self.erp: list[tuple] = []  # (date_created, seq, row without number, pid)
@@ -352,9 +407,9 @@ class _Builder:
 
     def new_person(self, pid: str, last: str | None = None, has_email: bool = True) -> _Person:
         rng = self.rng
-        first = rng.choice(names.FIRST_NAMES)
-        last = last or rng.choice(names.LAST_NAMES)
-        company = rng.choice(names.COMPANIES) if rng.random() < 0.85 else None
+        first = self.first_name()
+        last = last or _Pools.draw(rng, self.pools.last)
+        company = self.company() if rng.random() < 0.85 else None
         if rng.random() < _P_UK:
             city = rng.choice(names.UK_CITIES)
             phone = _Phone("GB", (city[2], f"{rng.randrange(1000):04d}"))
@@ -371,6 +426,12 @@ class _Builder:
             domain = company[1] if company and rng.random() < 0.7 else rng.choice(names.PERSONAL_DOMAINS)
             email = self.unique_email(local, domain)
         return _Person(pid, first, last, email, company, phone, city, self.random_time(7, 3 * 365))
+
+    def first_name(self) -> str:
+        return _Pools.draw(self.rng, self.pools.first)
+
+    def company(self) -> tuple[str, str]:
+        return _Pools.draw(self.rng, self.pools.company)
 
     def phone_for(self, system: str, p: _Person) -> str:
         styles, weights = _PHONE_STYLES[(system, p.phone.country)]
@@ -652,7 +713,7 @@ def _random_people(b: _Builder, start: int, people: int) -> None:
             p.email = b.unique_email(f"{_fold(p.last)}.family", rng.choice(names.PERSONAL_DOMAINS))
             partner = b.new_person(f"P{n:06d}", last=p.last, has_email=False)
             while partner.first == p.first:
-                partner.first = rng.choice(names.FIRST_NAMES)
+                partner.first = b.first_name()
             partner.email = p.email
             n += 1
             g = b.crm_row(p, stage=rng.choice(("Lead", "Prospect")))
@@ -660,7 +721,7 @@ def _random_people(b: _Builder, start: int, people: int) -> None:
             b.crm_row(partner, stage="Lead")
             continue
         p = b.new_person(pid, has_email=cat != "crm" or rng.random() < 0.95)
-        if rng.random() < _P_COMMON_NAME:
+        if rng.random() < b.pools.common_name_rate:
             p.first, p.last = rng.choice(names.COMMON_NAMES)
         if cat == "crm" and p.company and n <= people and rng.random() < _P_SHARED_ONE_IN_CRM:
             # A shared mailbox with one person in the CRM and a colleague in marketing only.
@@ -700,7 +761,7 @@ def _random_people(b: _Builder, start: int, people: int) -> None:
             if r < _P_CHANGED_EMAIL and p.email:
                 local, domain = p.email.split("@")
                 b.mkt_row(p, lifecycle=lifecycle, guid=None, email=b.unique_email(local, "old-" + domain),
-                          company=rng.choice(names.COMPANIES)[0])
+                          company=b.company()[0])
             elif r < _P_CHANGED_EMAIL + _P_NICKNAME and p.first in names.NICKNAMES:
                 b.mkt_row(p, lifecycle=lifecycle, guid=g if rng.random() < 0.7 else None,
                           first=names.NICKNAMES[p.first], last=p.last)
@@ -760,7 +821,7 @@ def init_demo(directory: str | Path, people: int = 200, seed: int = 7, force: bo
                 f"refusing to overwrite existing demo files: {', '.join(existing)} "
                 "(choose another directory, or pass --force to replace them)")
 
-    builder = _Builder(random.Random(seed))
+    builder = _Builder(random.Random(seed), _Pools(people))
     _special_people(builder)
     _random_people(builder, _SPECIAL_COUNT + 1, people)
     rows = builder.finished_rows()

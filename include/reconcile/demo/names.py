@@ -180,3 +180,50 @@ NICKNAMES = {
 # Full names shared by many different people (hard case: a common name alone is no evidence of one person).
 COMMON_NAMES = (("John", "Smith"), ("Maria", "Garcia"), ("James", "Johnson"), ("Mary", "Brown"),
                 ("Wei", "Wang"), ("David", "Miller"))
+
+# --- the long tail of a large population -----------------------------------------------------------
+# A real contact list of a million people holds tens of thousands of surnames and companies, not a
+# few hundred. From 5,000 people on, the generator adds invented names built from these parts (a pool
+# that grows with the population, see generator._Pools), so a full name and a company together mostly
+# name one person, as they do in real data; the lists above stay the common head.
+
+SURNAME_PARTS = (
+    ("Al", "Ash", "Bar", "Bel", "Ber", "Bran", "Brook", "Cal", "Car", "Cor", "Dal", "Dar", "Del", "Dun",
+     "El", "Fal", "Far", "Fen", "Gal", "Gar", "Gold", "Hal", "Har", "Hol", "Kel", "Ken", "Kir", "Lan",
+     "Lar", "Lin", "Mal", "Mar", "Mor", "Nor", "Os", "Pen", "Ral", "Ran", "Ros", "Sal", "Sel", "Tal",
+     "Tor", "Val", "Ver", "Wal", "Wil", "Yar", "Zel", "Ad", "Bor", "Cas", "Dor", "Est", "Fin", "Gor",
+     "Hen", "Ing", "Jor", "Kas", "Lom", "Mer", "Nev", "Ol", "Pol", "Quin", "Rad", "Sten", "Tam", "Ul",
+     "Vik", "Wes", "Zan", "Bal", "Cran", "Drum", "Eck", "Frey", "Grim", "Hart"),
+    ("", "a", "e", "i", "o", "an", "en", "in", "or", "er", "ett", "und"),
+    ("by", "ford", "ton", "ley", "wood", "man", "son", "sen", "berg", "stein", "ski", "ova", "ez", "ini",
+     "elli", "ard", "ier", "ani", "oglu", "ian", "aki", "ura", "ek", "ic", "ens", "worth", "ham", "well",
+     "more", "dale", "field", "hurst", "quist", "strom", "mann", "feld", "ovic", "escu", "enko", "idis",
+     "opoulos", "ero", "az", "eau", "ot", "in", "ac", "ay", "ow", "ing", "er", "ell", "ick", "ock", "mond",
+     "ins", "ers", "low", "sky", "wick"),
+)
+
+FIRST_NAME_PARTS = (
+    ("Ma", "Li", "Ka", "Da", "Ra", "Sa", "Ta", "Na", "Ja", "Ela", "Ari", "Eli", "Ori", "Ila", "Mi", "Zo",
+     "Le", "No", "Ro", "Ti", "Be", "Ce", "Fe", "Ga", "Ha", "Ke", "Lu", "Me", "Ne", "Pa"),
+    ("", "ri", "la", "na", "vi", "le", "ro", "di", "se", "mo", "ta", "ly", "be", "no", "sha", "ki", "ra",
+     "lo", "ne", "ve"),
+    ("n", "a", "o", "e", "el", "an", "ia", "is", "us", "ah", "en", "ya"),
+)
+
+COMPANY_PARTS = (
+    ("Amber", "Atlas", "Beacon", "Birch", "Bluebird", "Bridge", "Canyon", "Cardinal", "Cascade", "Cedar",
+     "Clear", "Cobalt", "Copper", "Coral", "Crescent", "Crown", "Delta", "Eagle", "Echo", "Elm", "Ember",
+     "Falcon", "Fern", "Flint", "Forge", "Gateway", "Glacier", "Granite", "Harbor", "Hawk", "Heron",
+     "Highland", "Horizon", "Iron", "Ivy", "Juniper", "Keystone", "Lakeside", "Lantern", "Laurel",
+     "Liberty", "Lighthouse", "Maple", "Meadow", "Meridian", "Mesa", "Mission", "North", "Oak", "Ocean",
+     "Orchard", "Pacific", "Pine", "Pioneer", "Prairie", "Quarry", "Raven", "Redwood", "Ridge", "River",
+     "Rock", "Sage", "Sandstone", "Sapphire", "Sequoia", "Sierra", "Silver", "Sparrow", "Spruce", "Star",
+     "Sterling", "Stone", "Summit", "Sun", "Terra", "Timber", "Trident", "Union", "Valley", "Willow"),
+    ("", "Bay", "Brook", "Creek", "Field", "Gate", "Hill", "Lake", "Park", "Point", "Peak", "Springs",
+     "View", "Way", "Works"),
+    ("Accounting", "Analytics", "Architects", "Bakery", "Builders", "Capital", "Clinic", "Consulting",
+     "Dental", "Design", "Electric", "Energy", "Engineering", "Farms", "Foods", "Freight", "Health",
+     "Insurance", "Labs", "Legal", "Logistics", "Machining", "Media", "Medical", "Motors", "Partners",
+     "Pharmacy", "Plumbing", "Printing", "Properties", "Realty", "Robotics", "Roofing", "Software",
+     "Supply", "Systems", "Textiles", "Tools", "Travel", "Ventures"),
+)
