@@ -214,9 +214,10 @@ class _Run:
                    title = excluded.title, details = excluded.details,
                    last_seen_run = excluded.last_seen_run, updated_at = excluded.updated_at""",
             [self.entity, kind, self.run_id, self.run_id, self.run_at, self.run_at])
-        con.execute("INSERT INTO _seen_items SELECT item_id FROM _items")
+        con.execute("INSERT INTO _seen_items (item_id) SELECT item_id FROM _items")
         if kind == "candidate":
-            con.execute("INSERT INTO _in_review SELECT system, record_key FROM _items WHERE record_key IS NOT NULL")
+            con.execute("INSERT INTO _in_review (system, record_key) SELECT system, record_key FROM _items "
+                        "WHERE record_key IS NOT NULL")
         return con.execute("SELECT count(*) FROM _items").fetchone()[0]
 
 
@@ -370,7 +371,7 @@ def _exact_rule(r: _Run, rule, final: bool) -> None:
         WHERE a.xid IS NULL OR b.xid IS NULL OR a.xid <> b.xid
         GROUP BY a.k, a.system""")
     r.con.execute(f"""
-        INSERT INTO _in_review
+        INSERT INTO _in_review (system, record_key)
         SELECT DISTINCT kd.system, kd.record_key
         FROM _keyed kd JOIN _kdup d ON d.k = kd.k AND d.system <> kd.system AND NOT d.contradicted
         LEFT JOIN review.items i ON i.item_id = d.item_id
@@ -458,7 +459,7 @@ def _score(r: _Run, spec: ModelSpec | None) -> None:
     model, trained_run = _model(r, spec, records)
     r.scoring = (records, model, spec)  # for the evidence of links no scored pair explains (_link_evidence)
     fingerprint = _fingerprint_sql(spec, trained_run)
-    con.execute(f"""INSERT INTO _fresh SELECT rec.rid FROM _recs rec
+    con.execute(f"""INSERT INTO _fresh (rid) SELECT rec.rid FROM _recs rec
                     ANTI JOIN identity.fingerprints fp ON fp.entity = {sql_literal(e)} AND fp.system = rec.system
                         AND fp.record_key = rec.record_key AND fp.fingerprint = {fingerprint}""")
     if not con.execute("SELECT count(*) FROM _fresh").fetchall()[0][0]:  # fetchall: the result is finished
@@ -474,7 +475,7 @@ def _score(r: _Run, spec: ModelSpec | None) -> None:
     same_key = " OR ".join("(" + " AND ".join(f"a.{q(f)} = b.{q(f)}" for f in rule.fields) + ")" for rule in shared)
     contradicted = f"(({same_key}) AND {_contradicted(r.cfg, e, 'a', 'b')})" if shared else "FALSE"
     con.execute(f"""
-        INSERT INTO _pairs
+        INSERT INTO _pairs (system, record_key, other_system, other_key, probability, weight, evidence, contradicted)
         SELECT a.system, a.record_key, b.system, b.record_key, s.probability, s.weight, s.evidence, {contradicted}
         FROM _scored s JOIN _recs a ON a.rid = s.rid_l JOIN _recs b ON b.rid = s.rid_r
         UNION ALL
@@ -603,16 +604,16 @@ def _keep_unchanged_items(r: _Run) -> None:
           AND NOT EXISTS (SELECT 1 FROM identity.xref x WHERE x.entity = {e} AND x.system = i.system
                           AND x.record_key = i.details->>'record_key')
           AND i.item_id NOT IN (SELECT item_id FROM _seen_items)""")
-    r.con.execute("INSERT INTO _seen_items SELECT item_id FROM _kept")
-    r.con.execute("INSERT INTO _in_review SELECT i.system, i.details->>'record_key' FROM review.items i "
-                  "SEMI JOIN _kept USING (item_id)")
+    r.con.execute("INSERT INTO _seen_items (item_id) SELECT item_id FROM _kept")
+    r.con.execute("INSERT INTO _in_review (system, record_key) SELECT i.system, i.details->>'record_key' "
+                  "FROM review.items i SEMI JOIN _kept USING (item_id)")
 
 
 def _keep_unchanged_duplicates(r: _Run) -> None:
     """Model duplicate items whose two records were not scored again stay open while on different xids."""
     e = sql_literal(r.entity)
     r.con.execute(f"""
-        INSERT INTO _seen_items
+        INSERT INTO _seen_items (item_id)
         SELECT d.item_id FROM (
             SELECT i.item_id, unnest(CAST(i.details->'$.keys' AS VARCHAR[])) AS rid
             FROM review.items i
