@@ -6,6 +6,7 @@ and skip with that reason when they are absent, so `make test` also passes on a 
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import textwrap
 import uuid
@@ -55,6 +56,48 @@ entities:
       marketing: "email is not null and active"
 """
 
+
+def _once(text: str, old: str, new: str) -> str:
+    if text.count(old) != 1:
+        raise AssertionError(f"test setup: {old!r} is in BASE_CONFIG {text.count(old)} times, not once")
+    return text.replace(old, new)
+
+
+def write_base_config(folder: Path, *, extract: str | None = None, load: str | None = None,
+                      runs_url: str | None = None, systems_dir: Path | None = None,
+                      crm_batch_size: int | None = None, marketing_writes: str | None = None,
+                      gates: str | None = None, fields: dict[str, str] | None = None) -> Path:
+    """Write BASE_CONFIG, with what a test varies, to folder/reconcile.yaml and return its path.
+
+    `extract`, `load`, `marketing_writes` and `gates` (the contact entity's) are YAML flow mappings; `runs_url`
+    is set as given; `systems_dir` is where the SQLite systems are (for a config outside the project folder);
+    `crm_batch_size` is the CRM source's; `fields` replaces field rules (name -> rule). Every place a change
+    goes must be in BASE_CONFIG exactly once, so a changed base fails here instead of being silently ignored.
+    """
+    text = BASE_CONFIG
+    top = "".join(f"{key}: {value}\n" for key, value in
+                  (("extract", extract), ("load", load), ("runs_url", runs_url)) if value is not None)
+    text = _once(text, "schedule:", top + "schedule:")
+    if systems_dir is not None:
+        for system in ("crm", "marketing"):
+            text = _once(text, f"sqlite:///systems/{system}.db", f"sqlite:///{systems_dir}/{system}.db")
+    if crm_batch_size is not None:
+        key = "        key: contactid\n"
+        text = _once(text, key, f"{key}        batch_size: {crm_batch_size}\n")
+    if marketing_writes is not None:
+        text = _once(text, "    unique: [email]\n", f"    unique: [email]\n    writes: {marketing_writes}\n")
+    if gates is not None:
+        text = _once(text, "    eligibility:\n", f"    gates: {gates}\n    eligibility:\n")
+    for name, rule in (fields or {}).items():  # six spaces in: the entity's field rule, not a source's column
+        text, n = re.subn(rf"(?m)^      {name}: .*$", lambda _: f"      {name}: {rule}", text)
+        if n != 1:
+            raise AssertionError(f"test setup: field rule {name!r} is in BASE_CONFIG {n} times, not once")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "reconcile.yaml"
+    path.write_text(text)
+    return path
+
+
 CRM_DDL = """CREATE TABLE contact (contactid TEXT, emailaddress1 TEXT, firstname TEXT, telephone1 TEXT,
                                   stage TEXT, statecode INTEGER, modifiedon TEXT)"""
 MARKETING_DDL = """CREATE TABLE contacts (vid INTEGER PRIMARY KEY, email TEXT UNIQUE, firstname TEXT, phone TEXT,
@@ -94,7 +137,7 @@ def project(tmp_path: Path) -> Path:
     """A folder with reconcile.yaml and two small SQLite systems (crm, marketing)."""
     write_sqlite(tmp_path / "systems" / "crm.db", CRM_DDL, "contact", CRM_ROWS)
     write_sqlite(tmp_path / "systems" / "marketing.db", MARKETING_DDL, "contacts", MARKETING_ROWS)
-    (tmp_path / "reconcile.yaml").write_text(BASE_CONFIG)
+    write_base_config(tmp_path)
     return tmp_path
 
 

@@ -21,71 +21,15 @@ from reconcile import review, runner
 from reconcile.config import load_config
 from reconcile.demo.hubspot_server import HubSpotServer, ObjectType
 
-from ..unit.test_plan_load import CRM_DDL, CRM_ROWS, MKT_DDL, MKT_ROWS
+from ..unit.test_plan_load import GENEROUS, write_load_config, write_systems
 
 TOKEN = "pat-eu1-integration-secret"
-CONFIG = """\
-version: 1
-warehouse: warehouse/reconcile.duckdb
-load: {{mode: apply, batch_size: {batch}, pause_seconds: {pause}}}
-systems:
-  crm: {{url: "sqlite:///systems/crm.db", creates_identity: true}}
-  marketing:
-    api: hubspot
-    base_url: {base_url}
-    token_env: RT_HUBSPOT_TOKEN
-    limits: {{max_wait_seconds: 0.5}}
-    unique: [email]
-    writes: {{create: {create}}}
-entities:
-  contact:
-    sources:
-      crm:
-        table: contact
-        key: contactid
-        modified_at: modifiedon
-        fields:
-          email: {{column: emailaddress1, transform: email}}
-          first_name: firstname
-          last_name: lastname
-          phone: {{column: telephone1, transform: phone}}
-          active: {{column: statecode, transform: {{map: {{"0": true, "1": false}}}}}}
-      marketing:
-        table: contacts
-        key: hs_object_id
-        modified_at: updated_at
-        fields:
-          email: {{column: email, transform: email}}
-          first_name: firstname
-          last_name: lastname
-          phone: {{column: phone, transform: phone}}
-    fields:
-      email: {{owner: crm}}
-      first_name: {{owner: crm, send_to: [marketing]}}
-      last_name: {{owner: crm, send_to: [marketing]}}
-      phone: {{owner: marketing, fallback: [crm], send_to: [crm]}}
-      active: {{owner: crm, type: boolean}}
-    eligibility:
-      marketing: "email is not null and active"
-    match:
-      - {{name: email, fields: [email]}}
-    gates:
-      changes: {changes}
-"""
-GENEROUS = "{create: {max_share: 1}, update: {max_share: 1}}"
 
 
 @pytest.fixture
 def api(tmp_path, monkeypatch):
     """The systems (CRM as SQLite; marketing's SQLite behind the HubSpot-like server) and the server."""
-    for name, ddl, table, rows in (("crm", CRM_DDL, "contact", CRM_ROWS), ("marketing", MKT_DDL, "contacts", MKT_ROWS)):
-        path = tmp_path / "systems" / f"{name}.db"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        con = sqlite3.connect(path)
-        con.executescript(ddl)
-        con.executemany(f"INSERT INTO {table} VALUES ({','.join('?' * len(rows[0]))})", rows)
-        con.commit()
-        con.close()
+    write_systems(tmp_path)
     monkeypatch.setenv("RT_HUBSPOT_TOKEN", TOKEN)
     srv = HubSpotServer(tmp_path / "systems" / "marketing.db", TOKEN,
                         objects=[ObjectType("contacts", "contacts", "vid", modified="updated_at")]).start()
@@ -94,9 +38,9 @@ def api(tmp_path, monkeypatch):
 
 
 def make(tmp_path: Path, srv, create="false", changes=GENEROUS, batch=200, pause=0):
-    (tmp_path / "reconcile.yaml").write_text(CONFIG.format(base_url=srv.url, create=create, changes=changes,
-                                                           batch=batch, pause=pause))
-    return tmp_path / "reconcile.yaml"
+    hubspot = {"api": "hubspot", "base_url": srv.url, "token_env": "RT_HUBSPOT_TOKEN",
+               "limits": "{max_wait_seconds: 0.5}"}
+    return write_load_config(tmp_path, create, changes, batch, pause, marketing=hubspot, marketing_key="hs_object_id")
 
 
 def mkt(tmp_path: Path, sql: str) -> list[tuple]:

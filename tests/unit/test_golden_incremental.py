@@ -13,7 +13,7 @@ from reconcile import runner
 from reconcile.config import load_config
 from reconcile.stages import golden
 
-from ..conftest import BASE_CONFIG, sqlite_exec
+from ..conftest import sqlite_exec, write_base_config
 
 TABLES = {
     "golden": "SELECT * FROM golden.contact ORDER BY xid",
@@ -81,15 +81,14 @@ def _read_xids(cfg, run_id: str) -> int:
 
 
 def test_incremental_golden_rebuilds_only_changed_xids_and_equals_a_full_rebuild(project, tmp_path):
-    text = BASE_CONFIG.replace("schedule:", "extract: {overlap_minutes: 0}\nschedule:")
-    (project / "reconcile.yaml").write_text(text)
+    config = write_base_config(project, extract="{overlap_minutes: 0}")
     crm, marketing = project / "systems" / "crm.db", project / "systems" / "marketing.db"
     con = sqlite3.connect(crm)
     with con:
         con.executemany("INSERT INTO contact VALUES (?, ?, ?, NULL, 'Prospect', 0, '2025-12-01 10:00:00')",
                         [(f"p{i}", f"p{i}@example.com", f"P{i}") for i in range(20)])
     con.close()
-    cfg = load_config(project / "reconcile.yaml")
+    cfg = load_config(config)
 
     s1 = _night(cfg, tmp_path, "r1", 1)
     assert (s1["mode"], s1["reason"]) == ("full", "first build")
@@ -119,8 +118,7 @@ def test_incremental_golden_rebuilds_only_changed_xids_and_equals_a_full_rebuild
     assert 2 <= s4["rebuilt"] == _read_xids(cfg, "r4") <= 4  # Anna, Nina, and what is read at the watermarks
 
     # A configuration change that decides golden values rebuilds everything.
-    (project / "reconcile.yaml").write_text(text.replace("email:      {owner: crm}",
-                                                         "email:      {owner: crm, fallback: [marketing]}"))
-    cfg = load_config(project / "reconcile.yaml")
+    cfg = load_config(write_base_config(project, extract="{overlap_minutes: 0}",
+                                        fields={"email": "{owner: crm, fallback: [marketing]}"}))
     s5 = _night(cfg, tmp_path, "r5", 5)
     assert (s5["mode"], s5["reason"], s5["rebuilt"]) == ("full", "entity configuration changed", people + 1)

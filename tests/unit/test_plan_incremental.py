@@ -13,7 +13,7 @@ from reconcile import runner
 from reconcile.config import load_config
 from reconcile.stages import plan
 
-from ..conftest import BASE_CONFIG, sqlite_exec
+from ..conftest import sqlite_exec, write_base_config
 
 CHANGES = "SELECT * EXCLUDE (applied_at, load_attempt) FROM audit.changes WHERE run_id = ? ORDER BY change_id"
 
@@ -68,10 +68,9 @@ def _changes(cfg, run_id: str) -> list[tuple]:
 
 
 def test_incremental_plan_plans_only_changed_xids_and_equals_a_full_plan(project, tmp_path):
-    text = BASE_CONFIG.replace("schedule:", "extract: {overlap_minutes: 0}\nload: {mode: apply}\nschedule:").replace(
-        "    unique: [email]\n", "    unique: [email]\n    writes: {create: true}\n").replace(
-        "    eligibility:", "    gates:\n      changes: {create: {max_share: 1}, update: {max_share: 1}}\n    eligibility:")
-    (project / "reconcile.yaml").write_text(text)
+    options = dict(extract="{overlap_minutes: 0}", load="{mode: apply}",
+                   gates="{changes: {create: {max_share: 1}, update: {max_share: 1}}}")
+    config = write_base_config(project, marketing_writes="{create: true}", **options)
     crm = project / "systems" / "crm.db"
     con = sqlite3.connect(crm)
     with con:  # 20 people marketing lacks, and two CRM contacts sharing one email (their creates are held)
@@ -80,7 +79,7 @@ def test_incremental_plan_plans_only_changed_xids_and_equals_a_full_plan(project
         con.executemany("INSERT INTO contact VALUES (?, 'twin@example.com', ?, NULL, 'Prospect', 0, "
                         "'2025-12-01 10:00:00')", [("t1", "Tom"), ("t2", "Tim")])
     con.close()
-    cfg = load_config(project / "reconcile.yaml")
+    cfg = load_config(config)
 
     s1 = _night(cfg, tmp_path, "r1", 1)
     assert (s1["mode"], s1["reason"]) == ("full", "first plan")
@@ -108,9 +107,7 @@ def test_incremental_plan_plans_only_changed_xids_and_equals_a_full_plan(project
     assert {c[4] for c in r4} == held | {edited[0][4]}
 
     # A target configuration change plans everything again.
-    (project / "reconcile.yaml").write_text(text.replace("writes: {create: true}",
-                                                         "writes: {create: true, blanks_overwrite: true}"))
-    cfg = load_config(project / "reconcile.yaml")
+    cfg = load_config(write_base_config(project, marketing_writes="{create: true, blanks_overwrite: true}", **options))
     s5 = _night(cfg, tmp_path, "r5", 5)
     assert (s5["mode"], s5["reason"]) == ("full", "entity or target configuration changed")
     assert s5["xids_planned"] == s5["all_xids"]

@@ -28,8 +28,7 @@ load: {{mode: apply, batch_size: {batch}, pause_seconds: {pause}}}
 systems:
   crm: {{url: "sqlite:///systems/crm.db", creates_identity: true}}
   marketing:
-    url: sqlite:///systems/marketing.db
-    unique: [email]
+{marketing}    unique: [email]
     writes: {{create: {create}}}
 entities:
   contact:
@@ -46,7 +45,7 @@ entities:
           active: {{column: statecode, transform: {{map: {{"0": true, "1": false}}}}}}
       marketing:
         table: contacts
-        key: vid
+        key: {marketing_key}
         modified_at: updated_at
         fields:
           email: {{column: email, transform: email}}
@@ -95,19 +94,34 @@ MKT_ROWS = [
 
 
 GENEROUS = "{create: {max_share: 1}, update: {max_share: 1}}"  # tiny tables: any change is over 10%
+SQLITE_MARKETING = {"url": "sqlite:///systems/marketing.db"}
 
 
-def make(tmp_path: Path, create="false", changes=GENEROUS, batch=200, pause=0) -> Path:
+def write_systems(root: Path) -> None:
+    """root/systems/crm.db and marketing.db with CRM_ROWS and MKT_ROWS."""
     for name, ddl, table, rows in (("crm", CRM_DDL, "contact", CRM_ROWS), ("marketing", MKT_DDL, "contacts", MKT_ROWS)):
-        path = tmp_path / "systems" / f"{name}.db"
+        path = root / "systems" / f"{name}.db"
         path.parent.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(path)
         con.executescript(ddl)
         con.executemany(f"INSERT INTO {table} VALUES ({','.join('?' * len(rows[0]))})", rows)
         con.commit()
         con.close()
-    (tmp_path / "reconcile.yaml").write_text(CONFIG.format(create=create, changes=changes, batch=batch, pause=pause))
-    return tmp_path / "reconcile.yaml"
+
+
+def write_load_config(root: Path, create="false", changes=GENEROUS, batch=200, pause=0, marketing=SQLITE_MARKETING,
+                      marketing_key="vid") -> Path:
+    """CONFIG as root/reconcile.yaml; `marketing` says how marketing is reached (its system keys and values),
+    `marketing_key` is its record key."""
+    reach = "".join(f"    {key}: {value}\n" for key, value in marketing.items())
+    (root / "reconcile.yaml").write_text(CONFIG.format(marketing=reach, marketing_key=marketing_key, create=create,
+                                                       changes=changes, batch=batch, pause=pause))
+    return root / "reconcile.yaml"
+
+
+def make(tmp_path: Path, create="false", changes=GENEROUS, batch=200, pause=0) -> Path:
+    write_systems(tmp_path)
+    return write_load_config(tmp_path, create, changes, batch, pause)
 
 
 def table(path: Path, sql: str) -> list[tuple]:

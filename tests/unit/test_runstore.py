@@ -24,7 +24,7 @@ from reconcile import runner
 from reconcile.config import load_config
 from reconcile.runstore import RunFolder, prune
 
-from ..conftest import BASE_CONFIG
+from ..conftest import write_base_config
 
 T0 = datetime(2026, 2, 1, 2, 0, 0)
 RUN = "manual__2026-02-01T02:00:00+00:00"
@@ -32,13 +32,7 @@ RUN = "manual__2026-02-01T02:00:00+00:00"
 
 def _config(folder: Path, runs_url: str, systems: Path, batch_size: int | None = None) -> Path:
     """reconcile.yaml in `folder`: the systems in `systems` (shared), its own warehouse, the given runs_url."""
-    text = BASE_CONFIG.replace("sqlite:///systems/", f"sqlite:///{systems}/")
-    text += f"runs_url: {runs_url}\n"
-    if batch_size:
-        text = text.replace("        key: contactid\n", f"        key: contactid\n        batch_size: {batch_size}\n")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "reconcile.yaml").write_text(text)
-    return folder / "reconcile.yaml"
+    return write_base_config(folder, runs_url=runs_url, systems_dir=systems, crm_batch_size=batch_size)
 
 
 WORKER = """
