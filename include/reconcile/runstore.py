@@ -81,9 +81,11 @@ class RunFolder:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
 
-    def write_json(self, name: str, data) -> None:
+    def write_json(self, name: str, data, compact: bool = False) -> None:
+        """`compact`: on one line, which json's C encoder writes (indenting goes through its Python one: a
+        load's per-batch journal of thousands of outcomes took several times longer to encode)."""
         with self.writing(name) as fh:
-            fh.write(json.dumps(data, indent=2, default=str).encode())
+            fh.write(json.dumps(data, indent=None if compact else 2, default=str).encode())
 
     def read_json(self, name: str):
         with self.fs.open(self.path(name), "rb") as fh:

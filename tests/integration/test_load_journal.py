@@ -152,7 +152,9 @@ def test_a_worker_killed_mid_batch_is_retried_from_the_journal_writing_and_recor
         assert {n for n in journal.names() if n.startswith(("intent", "outcome"))} == {
             "intent-000001.json", "outcome-000001.json", "intent-000002.json"}
         assert len([w for w in api.writes if w[0] == "update"]) == 10
-        # the retry (on any worker: it needs only the run storage and the API)
+        # the retry (on any worker: it needs only the run storage and the API), configured with another batch
+        # size: it cuts the batches its journal numbers, of 5, or it would write the second batch's records again
+        cfg.load.batch_size = 3
         retried = runner.apply_load(cfg, "contact", "r1", "marketing")
     assert (retried["status"], retried["applied"], retried["failed"]) == ("done", expected - 1, 1)
     runner.record_loads(cfg, "contact", "r1")

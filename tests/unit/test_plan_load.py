@@ -18,6 +18,7 @@ import pytest
 
 from reconcile import runner
 from reconcile.config import load_config
+from reconcile.runstore import RunFolder
 
 from ..conftest import write_sqlite
 
@@ -311,6 +312,40 @@ def test_a_load_killed_mid_way_resumes_and_applies_every_change_exactly_once(tmp
     assert table(log, "SELECT count(*) FROM write_log")[0][0] == expected - 1  # E's name fails its CHECK
     assert wh(cfg, "SELECT status, count(*) FROM audit.changes WHERE run_id = 'r1' AND target = 'marketing' "
                    "AND operation = 'update' GROUP BY 1 ORDER BY 1") == [("applied", expected - 1), ("failed", 1)]
+
+
+def test_a_sql_target_is_loaded_in_batches_of_2000_unless_load_batch_size_says_otherwise(tmp_path):
+    """A batch is one target transaction and one intent and one outcome in the journal: into SQL, 2,000 records
+    unless `load.batch_size` is set."""
+    intents = {}
+    for size in (None, 200):
+        root = tmp_path / str(size)
+        path = make(root, batch=size or 200)
+        if size is None:
+            path.write_text(path.read_text().replace(" batch_size: 200,", ""))
+        crm = sqlite3.connect(root / "systems" / "crm.db")
+        crm.executemany("INSERT INTO contact VALUES (?, ?, ?, 'Kim', NULL, 0, '2026-01-03 10:00:00')",
+                        [(f"K{i:03d}", f"k{i}@example.com", f"New{i}") for i in range(450)])
+        crm.commit()
+        crm.close()
+        mkt = sqlite3.connect(root / "systems" / "marketing.db")
+        mkt.executemany("INSERT INTO contacts (vid, email, firstname, lastname) VALUES (?, ?, ?, 'Kim')",
+                        [(100 + i, f"k{i}@example.com", f"Old{i}") for i in range(450)])
+        mkt.commit()
+        mkt.close()
+        cfg = load_config(path)
+        assert cfg.load.batch_size == size
+        night(cfg, 1)
+        assert wh(cfg, "SELECT status, count(*) FROM audit.changes WHERE run_id = 'r1' AND target = 'marketing' "
+                       "GROUP BY 1 ORDER BY 1") == [("applied", 451), ("failed", 1)]  # + Cy's; Eve's: CHECK
+        assert table(root / "systems" / "marketing.db", "SELECT count(*) FROM contacts WHERE firstname LIKE 'New%'") \
+            == [(450,)]
+        load = RunFolder(cfg, "r1", "contact").sub("load/marketing")
+        journal = load.sub(load.read_json("current.json")["export"])
+        intents[size] = sorted(n for n in journal.names() if n.startswith("intent-"))
+        assert [journal.read_json(n)["batch_size"] for n in intents[size]] == [size or 2000] * len(intents[size])
+    assert intents == {None: ["intent-000001.json"],
+                       200: ["intent-000001.json", "intent-000002.json", "intent-000003.json"]}
 
 
 def test_an_erasure_is_carried_out_in_every_system_through_the_gates(tmp_path):

@@ -382,7 +382,9 @@ class LoadSettings(_Strict):
     """`load`: how planned changes reach the systems (see docs/configuration.md#load)."""
 
     mode: Literal["dry_run", "apply"] = "dry_run"   # a new config only plans: the sync assessment
-    batch_size: int = Field(default=200, ge=1)      # records per target transaction
+    # Records per batch (one target transaction, one journal entry); unset: the target's writer's default,
+    # 2,000 into SQL, 200 into an API (whose writer calls the API in its own batches of the vendor's limit).
+    batch_size: int | None = Field(default=None, ge=1)
     max_failure_rate: float = Field(default=0.05, ge=0, le=1)  # failed / attempted above this stops a load
     pause_seconds: float = Field(default=0.0, ge=0)  # between batches (rate limiting a busy system)
 

@@ -53,6 +53,8 @@ class Writer(Protocol):
     """The write half for one source (table, API object type) of a system."""
 
     key: str
+    load_batch: int  # records per load batch (one journal entry, one transaction where the target has them)
+                     # when `load.batch_size` is unset
 
     def current(self, keys: list[str], columns: list[str]) -> dict[str, Values]:
         """The target's current values (strings, like extraction) of these records; absent keys are gone."""

@@ -136,8 +136,9 @@ def _apply(cfg: Config, entity: str, target: str, url: str, journal: RunFolder, 
     try:
         writer = connector.writer(source)
         erase_columns: list[str] = []
+        size = _batch_size(journal, done, settings.batch_size, writer.load_batch)
         with journal.local("changes.parquet") as path:
-            for n, batch in enumerate(_batches(path, settings.batch_size), 1):
+            for n, batch in enumerate(_batches(path, size), 1):
                 intent, outcome = f"intent-{n:06d}.json", f"outcome-{n:06d}.json"
                 if outcome in done:  # an earlier attempt applied it
                     counts.update(o["status"] for o in journal.read_json(outcome)["outcomes"])
@@ -147,11 +148,12 @@ def _apply(cfg: Config, entity: str, target: str, url: str, journal: RunFolder, 
                 erase = _resolve_erasures(batch, erase_columns)
                 interrupted = batch[0]["resume"] or intent in done
                 if intent not in done:
-                    journal.write_json(intent, {"change_ids": [c["change_id"] for g in batch for c in g["changes"]],
-                                                "erase": erase})
+                    journal.write_json(intent, {"batch_size": size, "erase": erase, "change_ids": [
+                        c["change_id"] for g in batch for c in g["changes"]]}, compact=True)
                 outcomes = (_verify(writer, target, batch, watched) if interrupted
                             else _apply_batch(writer, batch, watched))
-                journal.write_json(outcome, {"at": _now().isoformat(), "outcomes": outcomes, "erase": erase})
+                journal.write_json(outcome, {"at": _now().isoformat(), "outcomes": outcomes, "erase": erase},
+                                   compact=True)
                 counts.update(o["status"] for o in outcomes)
                 attempted += len(outcomes)
                 failed += sum(o["status"] == "failed" for o in outcomes)
@@ -167,6 +169,16 @@ def _apply(cfg: Config, entity: str, target: str, url: str, journal: RunFolder, 
         connector.close()
     return {"target": target, "status": "stopped" if stopped else "done", "reason": stopped,
             "applied": counts["applied"], "failed": counts["failed"], "skipped_conflict": counts["skipped_conflict"]}
+
+
+def _batch_size(journal: RunFolder, done: set[str], configured: int | None, writers: int) -> int:
+    """Records per batch: the size the change set's first attempt journalled, if it journalled a batch (a retry
+    must cut the batches its journal numbers, whatever the config or the default says now); else
+    `load.batch_size`, else the writer's default. An intent without a size predates them: it was cut at
+    `load.batch_size` or the old default, 200."""
+    if "intent-000001.json" not in done:
+        return configured or writers
+    return journal.read_json("intent-000001.json").get("batch_size") or configured or 200
 
 
 def _batches(path, size: int) -> Iterator[list[dict]]:

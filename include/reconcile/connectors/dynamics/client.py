@@ -99,6 +99,8 @@ def _table(rows: list[dict], columns: list[str]) -> pa.Table:
 class DynamicsWriter:
     """Writes one entity set, record by record, each guarded by the ETag read just before the batch."""
 
+    load_batch = 200  # records journalled together (and re-verified after a crash)
+
     def __init__(self, connector: DynamicsConnector, source: SourceConfig):
         self.c = connector
         self.api = connector.api

@@ -143,6 +143,8 @@ class HubSpotConnector:
 class HubSpotWriter:
     """Writes one object type: batch calls of `batch_size`, each record's outcome from the API's answer."""
 
+    load_batch = 200  # records journalled together; the calls inside stay at the vendor's batch limit
+
     def __init__(self, connector: HubSpotConnector, source: SourceConfig):
         self.c = connector
         self.api = connector.api
