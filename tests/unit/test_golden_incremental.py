@@ -117,8 +117,16 @@ def test_incremental_golden_rebuilds_only_changed_xids_and_equals_a_full_rebuild
     assert (s4["mode"], s4["changed"], s4["records"]) == ("incremental", 2, people + 1)
     assert 2 <= s4["rebuilt"] == _read_xids(cfg, "r4") <= 4  # Anna, Nina, and what is read at the watermarks
 
+    # A full snapshot (every row read again, so every xid is dirty) that finds a CRM-only contact deleted: its
+    # golden row goes, every other row stays as it was (same values, same run that last changed them).
+    sqlite_exec(crm, "DELETE FROM contact WHERE contactid = 'p5'")
+    cfg = load_config(write_base_config(project, extract="{overlap_minutes: 0, full_every: 1}"))
+    s5 = _night(cfg, tmp_path, "r5", 5)
+    assert (s5["mode"], s5["changed"], s5["removed"], s5["records"]) == ("incremental", 0, 1, people)
+    assert s5["rebuilt"] >= people
+
     # A configuration change that decides golden values rebuilds everything.
     cfg = load_config(write_base_config(project, extract="{overlap_minutes: 0}",
                                         fields={"email": "{owner: crm, fallback: [marketing]}"}))
-    s5 = _night(cfg, tmp_path, "r5", 5)
-    assert (s5["mode"], s5["reason"], s5["rebuilt"]) == ("full", "entity configuration changed", people + 1)
+    s6 = _night(cfg, tmp_path, "r6", 6)
+    assert (s6["mode"], s6["reason"], s6["rebuilt"]) == ("full", "entity configuration changed", people)

@@ -8,8 +8,9 @@ Incremental: after a first full build, a run rebuilds only the *dirty* xids: tho
 extracted or deleted since the last build (staging `_run_id`, `_history` deletes), a link made or undone
 (identity.xref_history), an erasure, or a golden row or current lineage that no longer matches the xid's
 status. Everything else keeps its golden row, lineage and conflicts, which is exactly what a full rebuild
-would give them (tests/unit/test_golden_incremental.py). A full rebuild runs on the first build, when the
-entity's configuration changed (`config_hash`), or when asked (`build(..., full=True)`).
+would give them (tests/unit/test_golden_incremental.py); a dirty xid whose values did not change keeps its
+golden row too. A full rebuild runs on the first build, when the entity's configuration changed
+(`config_hash`), or when asked (`build(..., full=True)`).
 
 How a golden value is chosen (per field, see docs/golden.md): among the linked records of the candidate
 systems (`CanonicalField.candidate_systems`), blanks never win over values; then
@@ -88,23 +89,27 @@ def ensure_tables(con, entity: str) -> None:
 
 
 def _values_sql(con, ent: EntityConfig, entity: str) -> str:
-    """One long row per (linked record, mapped field): xid, field, system, record_key, modified_at, value."""
+    """One long row per (linked record, mapped field): xid, field, system, record_key, modified_at, value,
+    and whether the xid has other linked records (`shared`).
+
+    One join of each system's staging table with its links, unnested into a row per field."""
     parts = []
     for system in sorted(ent.sources):
         table = staging_table(system, entity)
-        if not table_exists(con, table):
+        fields = [f for f in ent.sources[system].fields if f in ent.fields]
+        if not fields or not table_exists(con, table):
             continue
-        for fname in ent.sources[system].fields:
-            if fname not in ent.fields:
-                continue
-            text = f"CAST(s.{q(fname)} AS VARCHAR)"
-            parts.append(
-                f"SELECT l.xid, {sql_literal(fname)} AS field, l.system, s._record_key AS record_key, "
-                f"s._source_modified_at AS modified_at, CASE WHEN trim({text}) = '' THEN NULL ELSE {text} END AS value "
-                f"FROM _links l JOIN {table} s ON s._record_key = l.record_key WHERE l.system = {sql_literal(system)}")
+        texts = [f"CAST(s.{q(f)} AS VARCHAR)" for f in fields]
+        values = ", ".join(f"CASE WHEN trim({t}) = '' THEN NULL ELSE {t} END" for t in texts)
+        parts.append(
+            f"SELECT l.xid, unnest([{', '.join(map(sql_literal, fields))}]) AS field, l.system, "
+            f"s._record_key AS record_key, s._source_modified_at AS modified_at, unnest([{values}]) AS value, "
+            f"l.shared "
+            f"FROM _links l JOIN {table} s ON s._record_key = l.record_key WHERE l.system = {sql_literal(system)}")
     if not parts:
         return ("SELECT NULL::VARCHAR AS xid, NULL::VARCHAR AS field, NULL::VARCHAR AS system, "
-                "NULL::VARCHAR AS record_key, NULL::TIMESTAMP AS modified_at, NULL::VARCHAR AS value WHERE FALSE")
+                "NULL::VARCHAR AS record_key, NULL::TIMESTAMP AS modified_at, NULL::VARCHAR AS value, "
+                "NULL::BOOLEAN AS shared WHERE FALSE")
     return "\nUNION ALL\n".join(parts)
 
 
@@ -211,7 +216,7 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime, full: bo
         # Links of active, non-erased xids, without the records an erased person had.
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE _links AS
-            SELECT x.xid, x.system, x.record_key
+            SELECT x.xid, x.system, x.record_key, count(*) OVER (PARTITION BY x.xid) > 1 AS shared
             FROM identity.xref x JOIN identity.xids i ON i.xid = x.xid AND i.entity = x.entity AND i.status = 'active'
             WHERE x.entity = $1 {only_dirty}
               AND NOT EXISTS (SELECT 1 FROM identity.erasures r WHERE r.entity = $1 AND r.xid = x.xid)
@@ -223,22 +228,26 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime, full: bo
         _config_tables(con, ent)
 
         # One ranking for every strategy: blanks last; restrictive rank (0 unless most_restrictive); recency
-        # (most_recent only); system order; then within a system most recently modified, then key.
-        con.execute("""
-            CREATE OR REPLACE TEMP TABLE _ranked AS
-            SELECT v.*, c.sys_rank, f.strategy, f.owner,
-                   row_number() OVER (
-                       PARTITION BY v.xid, v.field
-                       ORDER BY v.value IS NULL, coalesce(r.vrank, f.unranked),
-                                CASE WHEN f.strategy = 'most_recent' THEN v.modified_at END DESC NULLS LAST,
-                                c.sys_rank, v.modified_at DESC NULLS LAST, v.record_key) AS rn
-            FROM _values v
-            JOIN _cands c ON c.field = v.field AND c.system = v.system
-            JOIN _fields f ON f.field = v.field
-            LEFT JOIN _restrictive r ON r.field = v.field AND r.value = v.value
-        """)
+        # (most_recent only); system order; then within a system most recently modified, then key. An xid with
+        # one linked record has one candidate per field, which wins: only the others are ranked.
         con.execute("""
             CREATE OR REPLACE TEMP TABLE _new AS
+            WITH win AS (
+                SELECT v.xid, v.field, v.system, v.record_key, v.modified_at, v.value
+                FROM _values v JOIN _cands c ON c.field = v.field AND c.system = v.system
+                WHERE NOT v.shared
+                UNION ALL
+                SELECT v.xid, v.field, v.system, v.record_key, v.modified_at, v.value
+                FROM _values v
+                JOIN _cands c ON c.field = v.field AND c.system = v.system
+                JOIN _fields f ON f.field = v.field
+                LEFT JOIN _restrictive r ON r.field = v.field AND r.value = v.value
+                WHERE v.shared
+                QUALIFY row_number() OVER (
+                    PARTITION BY v.xid, v.field
+                    ORDER BY v.value IS NULL, coalesce(r.vrank, f.unranked),
+                             CASE WHEN f.strategy = 'most_recent' THEN v.modified_at END DESC NULLS LAST,
+                             c.sys_rank, v.modified_at DESC NULLS LAST, v.record_key) = 1)
             SELECT p.xid, f.field, w.value,
                    CASE WHEN w.value IS NOT NULL THEN w.system END AS source_system,
                    CASE WHEN w.value IS NOT NULL THEN w.record_key END AS source_record_key,
@@ -248,11 +257,12 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime, full: bo
                         WHEN f.strategy = 'owner' THEN 'fallback'
                         ELSE f.strategy END AS rule
             FROM _present p CROSS JOIN _fields f
-            LEFT JOIN _ranked w ON w.xid = p.xid AND w.field = f.field AND w.rn = 1
+            LEFT JOIN win w ON w.xid = p.xid AND w.field = f.field
         """)
 
-        # Conflicts: the supplying system had several records on the xid with different values. Those of
-        # xids not rebuilt are the last build's.
+        # Conflicts: the supplying system had several records on the xid with different values (only a
+        # system with several linked records on one xid can). Within one system the ranking above is: values
+        # before blanks, most recently modified, then key. Those of xids not rebuilt are the last build's.
         con.execute(f"DELETE FROM {ctable} WHERE run_id = ?", [run_id])
         if incremental:
             con.execute(f"""INSERT INTO {ctable} (run_id, xid, field, system, chosen_record_key, chosen_value, candidates)
@@ -261,12 +271,15 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime, full: bo
         con.execute(f"""
             INSERT INTO {ctable} (run_id, xid, field, system, chosen_record_key, chosen_value, candidates)
             SELECT $1, n.xid, n.field, n.source_system, n.source_record_key, n.value,
-                   to_json(list(struct_pack(record_key := r.record_key, value := r.value,
-                                            source_modified_at := r.modified_at) ORDER BY r.rn))
-            FROM _new n JOIN _ranked r ON r.xid = n.xid AND r.field = n.field AND r.system = n.source_system
+                   to_json(list(struct_pack(record_key := v.record_key, value := v.value,
+                                            source_modified_at := v.modified_at)
+                                ORDER BY v.value IS NULL, v.modified_at DESC NULLS LAST, v.record_key))
+            FROM (SELECT xid, system FROM _links GROUP BY xid, system HAVING count(*) > 1) m
+            JOIN _new n ON n.xid = m.xid AND n.source_system = m.system
+            JOIN _values v ON v.xid = n.xid AND v.field = n.field AND v.system = n.source_system
             WHERE n.rule IN ('owner', 'fallback', 'first_non_null')
             GROUP BY n.xid, n.field, n.source_system, n.source_record_key, n.value
-            HAVING count(DISTINCT r.value) > 1
+            HAVING count(DISTINCT v.value) > 1
         """, [run_id])
 
         # What changed against the current lineage, before the lineage moves on.
@@ -299,29 +312,37 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime, full: bo
             ORDER BY n.xid, n.field
         """, [run_id, run_at])
 
-        # The golden table: one typed row per xid; unchanged rows keep the run that last changed them.
-        before = (f"SELECT xid, _run_id, _updated_at FROM {gtable} {'WHERE ' + scope[4:] if scope else ''}"
-                  if table_exists(con, gtable)
-                  else "SELECT NULL::VARCHAR AS xid, NULL::VARCHAR AS _run_id, NULL::TIMESTAMP AS _updated_at WHERE FALSE")
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _prev AS {before}")
+        # The golden table: one typed row per xid; unchanged rows keep the run that last changed them. An
+        # incremental build rewrites only the rows that change (values changed, new to the table, or gone): a
+        # dirty xid whose values are the same keeps its row, which is what a full rebuild gives it.
         cols = [(f, SQL_TYPES[spec.type]) for f, spec in ent.fields.items()]
+        pivot = "".join(f", CAST(max(value) FILTER (WHERE field = {sql_literal(f)}) AS {t}) AS {q(f)}" for f, t in cols)
+        names = "".join(f"{q(f)}, " for f, _ in cols)
         if incremental:
-            con.execute(f"DELETE FROM {gtable} WHERE xid IN (SELECT xid FROM _dirty)")
+            con.execute(f"""CREATE OR REPLACE TEMP TABLE _write AS SELECT xid FROM _changed
+                            UNION SELECT xid FROM _present WHERE xid NOT IN (SELECT xid FROM {gtable})""")
+            con.execute(f"""DELETE FROM {gtable} WHERE xid IN (SELECT xid FROM _write)
+                            OR xid IN (SELECT xid FROM _dirty EXCEPT SELECT xid FROM _present)""")
+            con.execute(f"""
+                INSERT INTO {gtable} (xid, {names}_run_id, _updated_at)
+                SELECT xid{pivot}, $1, $2 FROM _new WHERE xid IN (SELECT xid FROM _write)
+                GROUP BY xid ORDER BY xid
+            """, [run_id, run_at])
         else:
+            before = (f"SELECT xid, _run_id, _updated_at FROM {gtable}" if table_exists(con, gtable) else
+                      "SELECT NULL::VARCHAR AS xid, NULL::VARCHAR AS _run_id, NULL::TIMESTAMP AS _updated_at WHERE FALSE")
+            con.execute(f"CREATE OR REPLACE TEMP TABLE _prev AS {before}")
             con.execute(f"""CREATE OR REPLACE TABLE {gtable} (xid VARCHAR PRIMARY KEY,
                             {''.join(f'{q(f)} {t}, ' for f, t in cols)}_run_id VARCHAR NOT NULL,
                             _updated_at TIMESTAMP NOT NULL)""")
-        pivot = ", ".join(f"CAST(max(value) FILTER (WHERE field = {sql_literal(f)}) AS {t}) AS {q(f)}" for f, t in cols)
-        names = "".join(f"{q(f)}, " for f, _ in cols)
-        con.execute(f"""
-            INSERT INTO {gtable} (xid, {names}_run_id, _updated_at)
-            SELECT g.xid, {''.join(f'g.{q(f)}, ' for f, _ in cols)}
-                   CASE WHEN c.xid IS NULL AND p.xid IS NOT NULL THEN p._run_id ELSE $1 END,
-                   CASE WHEN c.xid IS NULL AND p.xid IS NOT NULL THEN p._updated_at ELSE $2 END
-            FROM (SELECT xid{', ' + pivot if pivot else ''} FROM _new GROUP BY xid) g
-            LEFT JOIN _changed c ON c.xid = g.xid LEFT JOIN _prev p ON p.xid = g.xid
-            ORDER BY g.xid
-        """, [run_id, run_at])
+            con.execute(f"""
+                INSERT INTO {gtable} (xid, {names}_run_id, _updated_at)
+                SELECT g.*, CASE WHEN c.xid IS NULL AND p.xid IS NOT NULL THEN p._run_id ELSE $1 END,
+                       CASE WHEN c.xid IS NULL AND p.xid IS NOT NULL THEN p._updated_at ELSE $2 END
+                FROM (SELECT xid{pivot} FROM _new GROUP BY xid) g
+                LEFT JOIN _changed c ON c.xid = g.xid LEFT JOIN _prev p ON p.xid = g.xid
+                ORDER BY g.xid
+            """, [run_id, run_at])
 
         # The sync assessment: linked records whose staged value differs from the golden one (every xid).
         con.execute("DELETE FROM audit.disagreements WHERE run_id = ? AND entity = ?", [run_id, entity])
@@ -345,8 +366,8 @@ def build(con, cfg: Config, entity: str, run_id: str, run_at: datetime, full: bo
         return summary
 
     summary = once(con, run_id, entity, STAGE, run_at, _body)
-    for t in ("_dirty", "_links", "_values", "_present", "_fields", "_cands", "_restrictive", "_ranked", "_new",
-              "_changed", "_prev"):
+    for t in ("_dirty", "_links", "_values", "_present", "_fields", "_cands", "_restrictive", "_new",
+              "_changed", "_prev", "_write"):
         con.execute(f"DROP TABLE IF EXISTS {t}")
     return summary
 
