@@ -154,6 +154,25 @@ def test_common_name_and_no_other_shared_value_does_not_link(tmp_path):
     assert s["auto_links"] == 0 and s["linked"] == 4  # the four CRM mints, nothing else
 
 
+def test_a_job_change_counts_once_same_name_and_phone_with_new_email_and_company_links(tmp_path):
+    # Rafael moved from Adventure Works to Tailspin: the ERP still holds his old email and company. Email and
+    # company change together, so the different company is no further evidence once the emails differ.
+    moved = ("M", "rafael.ortiz@tailspin.example", "Rafael", "Ortiz", "3055550119", "Tailspin")
+    cfg = make(tmp_path, [*CRM, moved],
+               erp=[("E4", "rortiz@adventure-works.example", "Rafael", "Ortiz", "(305) 555-0119", "Adventure Works")])
+    night(cfg, 1)
+    assert xid(cfg, "erp", "E4") == xid(cfg, "crm", "M")
+    (evidence,), = query(cfg, "SELECT evidence FROM identity.xref WHERE record_key = 'E4'")
+    evidence = json.loads(evidence)
+    assert evidence["email"]["weight"] < 0 and evidence["company"]["weight"] == 0
+    # without an email on one side, a different company still counts against a match
+    cfg = make(tmp_path / "no_email", [*CRM, moved],
+               erp=[("E4", None, "Rafael", "Ortiz", "(305) 555-0119", "Adventure Works")])
+    night(cfg, 1)
+    (evidence,), = query(cfg, "SELECT evidence FROM identity.xref WHERE record_key = 'E4'")
+    assert json.loads(evidence)["company"]["weight"] < 0
+
+
 def test_orphan_without_candidate_gets_its_own_minted_xid(tmp_path):
     cfg = make(tmp_path, CRM, erp=[("E3", "zed@quill.example", "Zed", "Quill", "2065550100", "Quill Ltd")])
     s = night(cfg, 1)

@@ -58,7 +58,7 @@ class ModelSpec:
     def signature(self) -> str:
         """Changes whenever the comparisons or blocking change: a stored model is reused only for the same."""
         text = json.dumps({"fields": self.fields, "blocking": self.blocking, "names": self.names,
-                           "exact": sorted(self.exact_fields), "version": 1}, sort_keys=True)
+                           "exact": sorted(self.exact_fields), "version": 2}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -163,6 +163,7 @@ _START = {
 
 def _comparisons(spec: ModelSpec, tf: bool) -> list:
     _, cl = _splink()
+    email = next((f for f in spec.fields if _kind(f) == "email"), None)
     out = []
     for f in spec.fields:
         if spec.names and f in spec.names:
@@ -181,10 +182,36 @@ def _comparisons(spec: ModelSpec, tf: bool) -> list:
             m, u = _START["name"]
             out.append(cl.NameComparison(f).configure(term_frequency_adjustments=tf, m_probabilities=m,
                                                       u_probabilities=u))
+        elif kind == "company" and email:
+            m, u = _START["fuzzy"]
+            out.append(_company_comparison(f, email).configure(m_probabilities=m, u_probabilities=u))
         else:
             m, u = _START["fuzzy"]
             out.append(cl.JaroWinklerAtThresholds(f, [0.92, 0.8]).configure(m_probabilities=m, u_probabilities=u))
     return out
+
+
+JOB_CHANGE = "Different company and different email: a job change, no further evidence"
+
+
+def _company_comparison(company: str, email: str):
+    """The company compared like any fuzzy field, except that when both emails are present and differ, a
+    different company is no further evidence against a match. People change email and company together
+    (a new job); the model's independence assumption would otherwise count one job change twice, and keep
+    a person with the same name and phone in review forever (docs/identity.md)."""
+    splink, cl = _splink()
+    import splink.comparison_level_library as cll
+
+    el, er = f'"{email}_l"', f'"{email}_r"'
+    return cl.CustomComparison(output_column_name=company, comparison_levels=[
+        cll.NullLevel(company),
+        cll.ExactMatchLevel(company),
+        cll.JaroWinklerLevel(company, 0.92),
+        cll.JaroWinklerLevel(company, 0.8),
+        cll.CustomLevel(f"{el} IS NOT NULL AND {er} IS NOT NULL AND {el} <> {er}", label_for_charts=JOB_CHANGE)
+        .configure(is_null_level=True),
+        cll.ElseLevel(),
+    ])
 
 
 def _block_sql(entry: list[str]) -> str:
