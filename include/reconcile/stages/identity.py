@@ -112,7 +112,8 @@ class _Run:
         # Records with an open candidate item this run: not minted as orphans, not given a second item.
         con.execute("CREATE OR REPLACE TEMP TABLE _in_review (system VARCHAR, record_key VARCHAR)")
         self.stats = {"split": 0, "merged": 0, "decisions": 0, "pairs_scored": 0, "review_band": 0}
-        self.scoring = None  # (records, model, spec) once the match model is ready
+        self.scoring = None  # (model, spec) once the match model is ready
+        self.splink = None  # the run's Splink database (records, term frequencies), closed by resolve
 
     # -- links ------------------------------------------------------------------------------------------
     def link_from(self, sql: str) -> int:
@@ -266,7 +267,11 @@ def resolve(con, cfg: Config, entity: str, run_id: str, run_at: datetime) -> dic
         _link_evidence(r)
         return _summary(r, spec)
 
-    return once(con, run_id, entity, STAGE, run_at, _body)
+    try:
+        return once(con, run_id, entity, STAGE, run_at, _body)
+    finally:
+        if r.splink is not None:
+            r.splink.close()
 
 
 def _load_distinct(r: _Run) -> None:
@@ -411,7 +416,7 @@ def _fingerprint_sql(spec: ModelSpec, trained_run_id: str) -> str:
             + ", ".join(f"coalesce(rec.{q(f)}, chr(0))" for f in spec.fields) + "))")
 
 
-def _model(r: _Run, spec: ModelSpec, records) -> tuple[dict, str]:
+def _model(r: _Run, spec: ModelSpec, sdb: identity_model.SplinkDB) -> tuple[dict, str]:
     """The model for this run and the run that trained it: the stored one for the same spec if trained fewer
     than `retrain_every` runs ago, else trained now (from the previous parameters). One identity.model row
     per run either way."""
@@ -425,13 +430,13 @@ def _model(r: _Run, spec: ModelSpec, records) -> tuple[dict, str]:
         if uses < every:
             model, trained_run, status = json.loads(prev[0]), prev[1], "reused"
         else:
-            model, trained_run, status = identity_model.train(r.cfg, records, spec, json.loads(prev[0])), r.run_id, "trained"
+            model, trained_run, status = identity_model.train(sdb, spec, json.loads(prev[0])), r.run_id, "trained"
     else:
-        model, trained_run, status = identity_model.train(r.cfg, records, spec), r.run_id, "trained"
+        model, trained_run, status = identity_model.train(sdb, spec), r.run_id, "trained"
     con.execute("""INSERT INTO identity.model (entity, run_id, status, trained_run_id, signature, records,
                                                link_threshold, review_threshold, parameters, m_u, created_at)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                [e, r.run_id, status, trained_run, spec.signature, records.num_rows, spec.link_threshold,
+                [e, r.run_id, status, trained_run, spec.signature, sdb.records.num_rows, spec.link_threshold,
                  spec.review_threshold, json.dumps(model), json.dumps(identity_model.m_u(model)), r.run_at])
     r.stats["model"] = {"status": status, "trained_run_id": trained_run}
     return model, trained_run
@@ -456,8 +461,9 @@ def _score(r: _Run, spec: ModelSpec | None) -> None:
     records = con.sql(f"""SELECT {cols}, coalesce(x.xid, {key}, rec.rid) AS grp FROM _recs rec
                           LEFT JOIN identity.xref x ON x.entity = {sql_literal(e)} AND x.system = rec.system
                                                    AND x.record_key = rec.record_key""").to_arrow_table()
-    model, trained_run = _model(r, spec, records)
-    r.scoring = (records, model, spec)  # for the evidence of links no scored pair explains (_link_evidence)
+    sdb = r.splink = identity_model.SplinkDB(r.cfg, records)
+    model, trained_run = _model(r, spec, sdb)
+    r.scoring = (model, spec)  # for the evidence of links no scored pair explains (_link_evidence)
     fingerprint = _fingerprint_sql(spec, trained_run)
     con.execute(f"""INSERT INTO _fresh (rid) SELECT rec.rid FROM _recs rec
                     ANTI JOIN identity.fingerprints fp ON fp.entity = {sql_literal(e)} AND fp.system = rec.system
@@ -465,7 +471,7 @@ def _score(r: _Run, spec: ModelSpec | None) -> None:
     if not con.execute("SELECT count(*) FROM _fresh").fetchall()[0][0]:  # fetchall: the result is finished
         return
     fresh = con.sql("SELECT rid FROM _fresh").to_arrow_table()
-    r.stats["pairs_scored"], scored = identity_model.score(r.cfg, records, fresh, model, spec)
+    r.stats["pairs_scored"], scored = identity_model.score(sdb, fresh, model, spec)
     con.register("_scored_arrow", scored)
     try:
         con.execute("CREATE OR REPLACE TEMP TABLE _scored AS SELECT * FROM _scored_arrow")
@@ -659,8 +665,8 @@ def _link_evidence(r: _Run) -> None:
                         SELECT xid FROM identity.xref WHERE entity = {e} AND run_id = {run} AND evidence IS NULL)""")
     if not con.execute("SELECT 1 FROM _members GROUP BY xid HAVING count(*) > 1 LIMIT 1").fetchall():
         return  # every link explained by a scored pair, or alone on its xid
-    records, model, spec = r.scoring
-    scored = identity_model.score_groups(r.cfg, records, con.sql("SELECT rid, xid FROM _members").to_arrow_table(),
+    model, spec = r.scoring
+    scored = identity_model.score_groups(r.splink, con.sql("SELECT rid, xid FROM _members").to_arrow_table(),
                                          model, spec)
     con.register("_grouped_arrow", scored)
     try:

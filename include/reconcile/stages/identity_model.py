@@ -232,26 +232,64 @@ def _settings(spec: ModelSpec, tf: bool) -> dict:
     return creator.get_settings("duckdb").as_dict()
 
 
-def _db(cfg: Config, records):
+class SplinkDB:
     """A private in-memory DuckDB for Splink, holding the records as `recs`, with the config's resource
-    settings (`duckdb:` memory limit, spill folder, threads) like every database reconcile opens.
+    settings (`duckdb:` memory limit, spill folder, threads) like every database reconcile opens. One per
+    resolution run: training, scoring and the evidence of groups (`train`, `score`, `score_groups`) share
+    the records and their term-frequency tables, loaded once. Opened on first use; `close` when done.
 
     In there a record's `rid` is a number (`rid_names` maps it to the record's `system:key`): Splink's
     table of blocked pairs holds two ids per pair, tens of millions of pairs at a million people, and
     numbers keep it several times smaller (and its joins faster) than the text ids."""
-    from ..warehouse import connect
 
-    splink, _ = _splink()
-    con = connect(cfg)
-    con.execute("SET preserve_insertion_order = false")
-    con.register("_recs_arrow", records)
-    # numbered in id order: the same records get the same numbers every run (Splink's samples follow them)
-    con.execute("CREATE TABLE rid_names AS SELECT rid AS name, CAST(row_number() OVER (ORDER BY rid) AS BIGINT) "
-                "AS rid FROM _recs_arrow")
-    con.execute("CREATE TABLE recs AS SELECT r.* REPLACE (n.rid AS rid) FROM _recs_arrow r "
-                "JOIN rid_names n ON n.name = r.rid")
-    con.unregister("_recs_arrow")
-    return con, splink.DuckDBAPI(connection=con)
+    def __init__(self, cfg: Config, records):
+        self.cfg, self.records, self._con, self._tf = cfg, records, None, set()
+
+    @property
+    def con(self):
+        if self._con is None:
+            from ..warehouse import connect
+
+            con = connect(self.cfg)
+            con.execute("SET preserve_insertion_order = false")
+            con.register("_recs_arrow", self.records)
+            # numbered in id order: the same records get the same numbers every run (Splink's samples follow them)
+            con.execute("CREATE TABLE rid_names AS SELECT rid AS name, "
+                        "CAST(row_number() OVER (ORDER BY rid) AS BIGINT) AS rid FROM _recs_arrow")
+            con.execute("CREATE TABLE recs AS SELECT r.* REPLACE (n.rid AS rid) FROM _recs_arrow r "
+                        "JOIN rid_names n ON n.name = r.rid")
+            con.unregister("_recs_arrow")
+            self._con = con
+        return self._con
+
+    def linker(self, settings: dict):
+        """(Splink's database API, a linker over `recs` with `settings`, the person term frequencies of
+        every column it adjusts registered). Each linker gets its own database API, so Splink's cached
+        working tables of one (training) are never taken for another's (scoring)."""
+        splink, _ = _splink()
+        db = splink.DuckDBAPI(connection=self.con)
+        linker = splink.Linker(db.register("recs"), settings, log_level=logging.ERROR)
+        model = linker.misc.save_model_to_json()
+        cols = sorted({lv["tf_adjustment_column"] for c in model["comparisons"] for lv in c["comparison_levels"]
+                       if lv.get("tf_adjustment_column")})
+        for col in cols:
+            if col not in self._tf:
+                self.con.execute(f'CREATE TABLE "tf_{col}" AS {term_frequency_sql(col)}')
+                self._tf.add(col)
+            linker.table_management.register_term_frequency_lookup(db.register(f"tf_{col}"), col)
+        return db, linker
+
+    def release(self, db, *tables: str) -> None:
+        """Drop the working tables of one linker's use: Splink's (of its database API `db`) and ours
+        (`tables`). The records and term frequencies stay for the next."""
+        db.delete_tables_created_by_splink_from_db()
+        for t in tables:
+            self.con.execute(f"DROP TABLE IF EXISTS {t}")
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
 
 
 def term_frequency_sql(col: str) -> str:
@@ -279,16 +317,6 @@ def term_frequency_sql(col: str) -> str:
                FROM people p, total t, average a"""
 
 
-def _person_term_frequencies(con, db, linker, model: dict) -> None:
-    """Term frequencies among other people, not records (`term_frequency_sql`), for every column the model
-    adjusts, registered with the linker."""
-    cols = sorted({lv["tf_adjustment_column"] for c in model["comparisons"] for lv in c["comparison_levels"]
-                   if lv.get("tf_adjustment_column")})
-    for col in cols:
-        con.execute(f'CREATE OR REPLACE TABLE "tf_{col}" AS {term_frequency_sql(col)}')
-        linker.table_management.register_term_frequency_lookup(db.register(f"tf_{col}"), col)
-
-
 def em_rules(spec: ModelSpec) -> list[list[str]]:
     """The blocking rules EM trains on: in order, each rule that lets a comparison be estimated that no
     earlier one did (a session estimates every comparison but those over the rule's own fields), so every
@@ -305,21 +333,18 @@ def em_rules(spec: ModelSpec) -> list[list[str]]:
     return rules
 
 
-def train(cfg: Config, records, spec: ModelSpec, previous: dict | None = None) -> dict:
-    """Estimate the model's parameters on `records` (Arrow: rid, system, grp, the spec's fields, _full_name).
+def train(sdb: SplinkDB, spec: ModelSpec, previous: dict | None = None) -> dict:
+    """Estimate the model's parameters on the records of `sdb` (Arrow: rid, system, grp, the spec's fields,
+    _full_name).
 
     u from random record pairs, m by expectation maximisation on the pairs of each blocking rule (the
     rule's own fields keep their previous or default m), the prior from the exact rules' matches. With a
     previous model of the same spec, EM starts from its m values. Returns Splink's model JSON.
     """
-    splink, _ = _splink()
-    con, db = _db(cfg, records)
-    n = records.num_rows
+    n = sdb.records.num_rows
+    # Term frequencies, like u, mean something only over enough records.
+    db, linker = sdb.linker(previous or _settings(spec, tf=n >= MIN_U_RECORDS))
     try:
-        # Term frequencies, like u, mean something only over enough records.
-        settings = previous or _settings(spec, tf=n >= MIN_U_RECORDS)
-        linker = splink.Linker(db.register("recs"), settings, log_level=logging.ERROR)
-        _person_term_frequencies(con, db, linker, linker.misc.save_model_to_json())
         exact_rules = [_block_sql(b) + ' AND l."system" <> r."system"' for b in spec.blocking if len(b) == 1
                        and _kind(b[0]) == "email"]
         # The prior: matches found by the exact rules, scaled up for the ones they miss; on few records (or
@@ -335,7 +360,7 @@ def train(cfg: Config, records, spec: ModelSpec, previous: dict | None = None) -
                 linker._settings_obj._probability_two_random_records_match = settings_prior
             # Matches are (almost) all between systems, and those are the pairs the model decides on: the
             # prior is per cross-system pair, not per pair of any two records.
-            sizes = con.execute("SELECT count(*) FROM recs GROUP BY system").fetchall()
+            sizes = sdb.con.execute("SELECT count(*) FROM recs GROUP BY system").fetchall()
             cross = (n * n - sum(c * c for (c,) in sizes)) / 2
             if cross > 0:
                 linker._settings_obj._probability_two_random_records_match = min(
@@ -352,7 +377,7 @@ def train(cfg: Config, records, spec: ModelSpec, previous: dict | None = None) -
                 continue
         return linker.misc.save_model_to_json()
     finally:
-        con.close()
+        sdb.release(db)
 
 
 def m_u(model: dict) -> dict[str, list[dict]]:
@@ -365,25 +390,24 @@ def m_u(model: dict) -> dict[str, list[dict]]:
     return out
 
 
-def score(cfg: Config, records, fresh, model: dict, spec: ModelSpec):
+def score(sdb: SplinkDB, fresh, model: dict, spec: ModelSpec):
     """Blocked pairs of every fresh record (rid in the Arrow table `fresh`) with every record, scored.
 
     Pairs of two fresh records are scored once; a fresh record is never paired with itself. Returns (the
     number of pairs scored, an Arrow table (rid_l, rid_r, system_l, system_r, probability, weight,
     evidence, evidence_rev) of the pairs at or above the review threshold: the others are no match and are
     not kept). Evidence is JSON {field: {a, b, weight}} with a the left record (evidence_rev: the right);
-    term frequencies come from all records, counted per person (`_person_term_frequencies`).
+    term frequencies come from all records, counted per person (`term_frequency_sql`).
     """
-    splink, _ = _splink()
-    con, db = _db(cfg, records)
+    con = sdb.con
+    con.register("_fresh_arrow", fresh)
+    con.execute("CREATE TABLE fresh_ids AS SELECT DISTINCT n.rid FROM _fresh_arrow f "
+                "JOIN rid_names n ON n.name = f.rid")
+    con.unregister("_fresh_arrow")
+    con.execute("CREATE TABLE fresh AS SELECT r.* FROM recs r SEMI JOIN fresh_ids USING (rid)")
+    con.execute("CREATE TABLE rest AS SELECT r.* FROM recs r ANTI JOIN fresh_ids USING (rid)")
+    db, linker = sdb.linker(model)
     try:
-        con.register("_fresh_arrow", fresh)
-        con.execute("CREATE TABLE fresh_ids AS SELECT DISTINCT n.rid FROM _fresh_arrow f "
-                    "JOIN rid_names n ON n.name = f.rid")
-        con.execute("CREATE TABLE fresh AS SELECT r.* FROM recs r SEMI JOIN fresh_ids USING (rid)")
-        con.execute("CREATE TABLE rest AS SELECT r.* FROM recs r ANTI JOIN fresh_ids USING (rid)")
-        linker = splink.Linker(db.register("recs"), model, log_level=logging.ERROR)
-        _person_term_frequencies(con, db, linker, model)
         # Splink keeps only the pairs at or above the review threshold: the others (most of them) are never
         # materialised with their comparison columns, so memory follows the review band, not the blocks.
         band = {"threshold_match_probability": spec.review_threshold, "warning_mode": "never"}
@@ -393,7 +417,7 @@ def score(cfg: Config, records, fresh, model: dict, spec: ModelSpec):
         _keep_scored(con, parts, model, spec, f"match_probability >= {spec.review_threshold}")
         return _blocked_pairs(con, spec), con.table("scored").to_arrow_table()
     finally:
-        con.close()
+        sdb.release(db, "fresh_ids", "fresh", "rest", "cand", "scored")
 
 
 def _keep_scored(con, parts, model: dict, spec: ModelSpec, where: str) -> None:
@@ -430,29 +454,29 @@ def _keep_scored(con, parts, model: dict, spec: ModelSpec, where: str) -> None:
     con.execute(f"CREATE TABLE scored AS {union}")
 
 
-def score_groups(cfg: Config, records, members, model: dict, spec: ModelSpec):
+def score_groups(sdb: SplinkDB, members, model: dict, spec: ModelSpec):
     """Every pair of records on one identity, scored whatever its probability: the evidence of links that
     no pair scored by `score` explains (a stored id or an exact key whose records' best pair is below the
     review threshold, or was not scored this run).
 
-    `records` as for `score` (all of them: term frequencies count people over all records); `members` an
+    `sdb` as for `score` (all the records: term frequencies count people over all of them); `members` an
     Arrow table (rid, xid) of the records of the identities to explain. Blocking on the xid, so the cost
     follows the identities' sizes. Returns an Arrow table like `score`'s, every pair kept.
     """
-    splink, _ = _splink()
-    con, db = _db(cfg, records)
+    con = sdb.con
+    con.register("_members_arrow", members)
+    con.execute("CREATE TABLE grouped AS SELECT r.* REPLACE (m.xid AS grp) FROM recs r "
+                "JOIN rid_names n USING (rid) JOIN _members_arrow m ON m.rid = n.name")
+    con.unregister("_members_arrow")
+    db, linker = sdb.linker(model)
     try:
-        con.register("_members_arrow", members)
-        con.execute("CREATE TABLE grouped AS SELECT r.* REPLACE (m.xid AS grp) FROM recs r "
-                    "JOIN rid_names n USING (rid) JOIN _members_arrow m ON m.rid = n.name")
-        linker = splink.Linker(db.register("recs"), model, log_level=logging.ERROR)
-        _person_term_frequencies(con, db, linker, model)
         part = linker.inference.predict_within(db.register("grouped"), warning_mode="never",
                                                blocking_rules_to_generate_predictions=['l."grp" = r."grp"'])
         _keep_scored(con, [part], model, spec, "TRUE")
         return con.table("scored").to_arrow_table()
     finally:
-        con.close()
+        sdb.release(db, "grouped", "scored")
+
 
 
 def _blocked_pairs(con, spec: ModelSpec) -> int:
