@@ -504,8 +504,10 @@ def _band(r: _Run, spec: ModelSpec) -> None:
                bool_or(p.contradicted) AS contradicted,
                count(*) OVER (PARTITION BY p.system, p.record_key) AS competing
         FROM _pairs p
+        -- the record still unlinked, first: after the first links most pairs drop out before the join
+        ANTI JOIN identity.xref u ON u.entity = {e} AND u.system = p.system AND u.record_key = p.record_key
         JOIN identity.xref x ON x.entity = {e} AND x.system = p.other_system AND x.record_key = p.other_key
-        WHERE p.system <> p.other_system AND p.probability >= {spec.review_threshold} AND {r.unlinked('p')}
+        WHERE p.system <> p.other_system AND p.probability >= {spec.review_threshold}
           AND NOT EXISTS (SELECT 1 FROM _distinct d WHERE d.system = p.system AND d.record_key = p.record_key
                                                        AND d.xid = x.xid)
         GROUP BY p.system, p.record_key, x.xid""")
@@ -645,18 +647,22 @@ def _link_evidence(r: _Run) -> None:
         con.execute(f"""UPDATE identity.xref x SET evidence = ev.evidence FROM _ev ev
                         WHERE x.entity = {e} AND x.system = ev.system AND x.record_key = ev.record_key""")
 
+    # The best pair's row first (a number: arg_max over the evidence text itself is several times slower),
+    # its JSON after: one document per link, not one per pair.
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE _ev AS
-        SELECT x.system, x.record_key,
-               arg_max(json_merge_patch(CAST(p.evidence AS JSON),
-                                        json_object('_probability', p.probability, '_weight', p.weight,
-                                                    '_with', p.other_system || ':' || p.other_key)), p.probability) AS evidence
-        FROM identity.xref x
-        JOIN _pairs p ON p.system = x.system AND p.record_key = x.record_key
-        JOIN identity.xref y ON y.entity = x.entity AND y.system = p.other_system AND y.record_key = p.other_key
-                            AND y.xid = x.xid
-        WHERE x.entity = {e} AND x.run_id = {run} AND x.evidence IS NULL
-        GROUP BY x.system, x.record_key""")
+        SELECT best.system, best.record_key,
+               json_merge_patch(CAST(p.evidence AS JSON),
+                                json_object('_probability', p.probability, '_weight', p.weight,
+                                            '_with', p.other_system || ':' || p.other_key)) AS evidence
+        FROM (SELECT x.system, x.record_key, arg_max(p.rowid, p.probability) AS pair
+              FROM identity.xref x
+              JOIN _pairs p ON p.system = x.system AND p.record_key = x.record_key
+              JOIN identity.xref y ON y.entity = x.entity AND y.system = p.other_system AND y.record_key = p.other_key
+                                  AND y.xid = x.xid
+              WHERE x.entity = {e} AND x.run_id = {run} AND x.evidence IS NULL
+              GROUP BY x.system, x.record_key) best
+        JOIN _pairs p ON p.rowid = best.pair""")
     set_evidence()
     con.execute(f"""CREATE OR REPLACE TEMP TABLE _members AS
                     SELECT rec.rid, rec.system, rec.record_key, x.xid, x.run_id = {run} AND x.evidence IS NULL AS unexplained
@@ -716,12 +722,17 @@ def _duplicates(r: _Run, rules) -> None:
             continue
         key = "concat_ws(chr(31), " + ", ".join(f"rec.{q(f)}" for f in rule.fields) + ")"
         all_set = " AND ".join(f"rec.{q(f)} IS NOT NULL" for f in rule.fields)
+        # The keys several records of one system share: the only ones an item is about (few of all keys).
+        r.con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE _dupkeys AS
+            SELECT rec.system, {key} AS k FROM _recs rec WHERE {all_set} GROUP BY ALL HAVING count(*) > 1""")
         # Unlinked records sharing the key: what a merge would let link (listed on the item).
         r.con.execute(f"""
             CREATE OR REPLACE TEMP TABLE _waiting AS
             SELECT {key} AS k, list(struct_pack(system := rec.system, record_key := rec.record_key)
                                     ORDER BY rec.system, rec.record_key) AS records
-            FROM _recs rec WHERE {all_set} AND {r.unlinked('rec')} GROUP BY ALL""")
+            FROM _recs rec WHERE {all_set} AND {key} IN (SELECT k FROM _dupkeys) AND {r.unlinked('rec')}
+            GROUP BY ALL""")
         r.items_from("duplicate", f"""
             SELECT rec.system, NULL AS record_key, rec.system || '|' || {sql_literal(rule.name)} || '|' || {key} AS item_key,
                    count(*) || ' ' || rec.system || ' records share {rule.name} ' || replace({key}, chr(31), ' + ') ||
@@ -736,11 +747,11 @@ def _duplicates(r: _Run, rules) -> None:
                                ', '), '') || ' join(s) it', '')),
                        why := 'within-system duplicate: decide merge or distinct')) AS details,
                    0.5 AS priority
-            FROM _recs rec LEFT JOIN identity.xref x
-              ON x.entity = {e} AND x.system = rec.system AND x.record_key = rec.record_key
+            FROM _recs rec SEMI JOIN _dupkeys d ON d.system = rec.system AND d.k = {key}
+            LEFT JOIN identity.xref x ON x.entity = {e} AND x.system = rec.system AND x.record_key = rec.record_key
             LEFT JOIN _waiting w ON w.k = {key}
             WHERE {all_set}
-            GROUP BY rec.system, {key} HAVING count(*) > 1""")
+            GROUP BY rec.system, {key}""")
 
 
 def _retire(r: _Run) -> None:
