@@ -21,7 +21,7 @@ from reconcile import review, runner
 from reconcile.config import load_config
 from reconcile.demo.hubspot_server import HubSpotServer, ObjectType
 
-from ..unit.test_plan_load import GENEROUS, write_load_config, write_systems
+from ..unit.test_plan_load import GENEROUS, add_renamed_kims, write_load_config, write_systems
 
 TOKEN = "pat-eu1-integration-secret"
 
@@ -121,21 +121,6 @@ def test_a_create_refused_with_409_is_held_with_the_existing_id(tmp_path, api):
     assert [(d["action"], d["system"], d["record_key"], d["xid"]) for d in decided] == [("link", "marketing", "77", fay)]
     assert mkt(tmp_path, "SELECT count(*) FROM contacts WHERE email = 'fay@example.com'") == [(1,)]
     assert Counter(s for *_, s in api.requests)[409] == 2  # the batch, then the record alone: never again
-
-
-def add_renamed_kims(root) -> None:
-    """Twelve people in both systems whose CRM first name (New<i>) differs from marketing's (Old<i>): twelve
-    updates for the marketing load, enough for several batches."""
-    many = [(f"K{i:03d}", f"k{i}@example.com", f"New{i}", "Kim", None, 0, "2026-01-03 10:00:00") for i in range(12)]
-    crm = sqlite3.connect(root / "systems" / "crm.db")
-    crm.executemany("INSERT INTO contact VALUES (?, ?, ?, ?, ?, ?, ?)", many)
-    crm.commit()
-    crm.close()
-    m = sqlite3.connect(root / "systems" / "marketing.db")
-    m.executemany("INSERT INTO contacts (vid, email, firstname, lastname) VALUES (?, ?, ?, 'Kim')",
-                  [(100 + i, f"k{i}@example.com", f"Old{i}") for i in range(12)])
-    m.commit()
-    m.close()
 
 
 @pytest.mark.slow

@@ -275,18 +275,24 @@ def test_rollback_skips_values_edited_since(tmp_path):
     assert table(tmp_path / "systems" / "marketing.db", "SELECT firstname FROM contacts WHERE vid = 2") == [("Cyrus J",)]
 
 
-def test_a_load_killed_mid_way_resumes_and_applies_every_change_exactly_once(tmp_path):
-    many = [(f"K{i:03d}", f"k{i}@example.com", f"New{i}", "Kim", None, 0, "2026-01-03 10:00:00") for i in range(12)]
-    path = make(tmp_path, changes="{update: {max: 0}}", batch=1, pause=0.3)
-    crm = sqlite3.connect(tmp_path / "systems" / "crm.db")
-    crm.executemany("INSERT INTO contact VALUES (?, ?, ?, ?, ?, ?, ?)", many)
+def add_renamed_kims(root, n: int = 12) -> None:
+    """n people in both systems whose CRM first name (New<i>) differs from marketing's (Old<i>): n updates for
+    the marketing load (twelve are enough for several batches of a few)."""
+    crm = sqlite3.connect(root / "systems" / "crm.db")
+    crm.executemany("INSERT INTO contact VALUES (?, ?, ?, 'Kim', NULL, 0, '2026-01-03 10:00:00')",
+                    [(f"K{i:03d}", f"k{i}@example.com", f"New{i}") for i in range(n)])
     crm.commit()
     crm.close()
-    mkt = sqlite3.connect(tmp_path / "systems" / "marketing.db")
+    mkt = sqlite3.connect(root / "systems" / "marketing.db")
     mkt.executemany("INSERT INTO contacts (vid, email, firstname, lastname) VALUES (?, ?, ?, 'Kim')",
-                    [(100 + i, f"k{i}@example.com", f"Old{i}") for i in range(12)])
+                    [(100 + i, f"k{i}@example.com", f"Old{i}") for i in range(n)])
     mkt.commit()
     mkt.close()
+
+
+def test_a_load_killed_mid_way_resumes_and_applies_every_change_exactly_once(tmp_path):
+    path = make(tmp_path, changes="{update: {max: 0}}", batch=1, pause=0.3)
+    add_renamed_kims(tmp_path)
     cfg = load_config(path)
     assert night(cfg, 1)["status"] == "awaiting_approval"
     expected = wh(cfg, "SELECT count(*) FROM audit.changes WHERE run_id = 'r1' AND target = 'marketing' "
@@ -323,16 +329,7 @@ def test_a_sql_target_is_loaded_in_batches_of_2000_unless_load_batch_size_says_o
         path = make(root, batch=size or 200)
         if size is None:
             path.write_text(path.read_text().replace(" batch_size: 200,", ""))
-        crm = sqlite3.connect(root / "systems" / "crm.db")
-        crm.executemany("INSERT INTO contact VALUES (?, ?, ?, 'Kim', NULL, 0, '2026-01-03 10:00:00')",
-                        [(f"K{i:03d}", f"k{i}@example.com", f"New{i}") for i in range(450)])
-        crm.commit()
-        crm.close()
-        mkt = sqlite3.connect(root / "systems" / "marketing.db")
-        mkt.executemany("INSERT INTO contacts (vid, email, firstname, lastname) VALUES (?, ?, ?, 'Kim')",
-                        [(100 + i, f"k{i}@example.com", f"Old{i}") for i in range(450)])
-        mkt.commit()
-        mkt.close()
+        add_renamed_kims(root, 450)
         cfg = load_config(path)
         assert cfg.load.batch_size == size
         night(cfg, 1)
