@@ -182,12 +182,11 @@ def _comparisons(spec: ModelSpec, tf: bool) -> list:
             m, u = _START["name"]
             out.append(cl.NameComparison(f).configure(term_frequency_adjustments=tf, m_probabilities=m,
                                                       u_probabilities=u))
-        elif kind == "company" and email:
-            m, u = _START["fuzzy"]
-            out.append(_company_comparison(f, email).configure(m_probabilities=m, u_probabilities=u))
         else:
             m, u = _START["fuzzy"]
-            out.append(cl.JaroWinklerAtThresholds(f, [0.92, 0.8]).configure(m_probabilities=m, u_probabilities=u))
+            fuzzy = (_company_comparison(f, email) if kind == "company" and email
+                     else cl.JaroWinklerAtThresholds(f, [0.92, 0.8]))
+            out.append(fuzzy.configure(m_probabilities=m, u_probabilities=u))
     return out
 
 
@@ -199,7 +198,7 @@ def _company_comparison(company: str, email: str):
     different company is no further evidence against a match. People change email and company together
     (a new job); the model's independence assumption would otherwise count one job change twice, and keep
     a person with the same name and phone in review forever (docs/identity.md)."""
-    splink, cl = _splink()
+    _, cl = _splink()
     import splink.comparison_level_library as cll
 
     el, er = f'"{email}_l"', f'"{email}_r"'
