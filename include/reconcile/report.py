@@ -168,9 +168,10 @@ def _failures(con, entity: str, run_id: str) -> dict[str, list[dict]]:
 
 
 def changes_summary(con, entity: str, run_id: str) -> dict:
-    """Per target: planned, applied, failed, held (held, blocked or rejected), skipped_conflict, unattempted."""
+    """Per target, in target order: planned, applied, failed, held (held, blocked or rejected), skipped_conflict,
+    unattempted."""
     rows = con.execute("""SELECT target, status, count(*) FROM audit.changes WHERE run_id = ? AND entity = ?
-                          GROUP BY ALL""", [run_id, entity]).fetchall()
+                          GROUP BY ALL ORDER BY target, status""", [run_id, entity]).fetchall()
     out: dict[str, dict] = {}
     for target, status, n in rows:
         t = out.setdefault(target, {"planned": 0, "applied": 0, "failed": 0, "held": 0, "skipped_conflict": 0,
