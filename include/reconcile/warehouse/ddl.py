@@ -4,6 +4,8 @@ Schemas name their layer: staging, identity, golden, review, audit. Documented i
 """
 from __future__ import annotations
 
+import functools
+
 SCHEMAS = ("staging", "identity", "golden", "review", "audit")
 
 TABLES = [
@@ -317,21 +319,41 @@ TABLES += [
 
 def ensure_schema(con) -> None:
     """Create what is missing; for a warehouse made by an older version, add the columns it lacks (nullable,
-    at the end), so upgrading never needs a manual migration and never touches existing data."""
-    import re
-
+    at the end), so upgrading never needs a manual migration and never touches existing data. A warehouse that
+    already has every column costs one catalog query (this runs on every writable open)."""
+    want = _columns()
+    have = _present(con)
+    if have >= want.keys():
+        return
     for schema in SCHEMAS:
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
     for ddl in TABLES:
         con.execute(ddl)
-        name = re.search(r"CREATE TABLE IF NOT EXISTS (\S+) \(", ddl).group(1)
-        schema, table = name.split(".")
-        have = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
-                                          "WHERE table_schema = ? AND table_name = ?", [schema, table]).fetchall()}
-        probe = ddl.replace(f"CREATE TABLE IF NOT EXISTS {name} (", "CREATE OR REPLACE TEMP TABLE _ddl_probe (")
-        con.execute(probe)
-        for column, ctype in con.execute("SELECT column_name, data_type FROM information_schema.columns "
-                                         "WHERE table_name = '_ddl_probe' ORDER BY ordinal_position").fetchall():
-            if column not in have:
-                con.execute(f'ALTER TABLE {name} ADD COLUMN "{column}" {ctype}')
-        con.execute("DROP TABLE _ddl_probe")
+    have = _present(con)
+    for (schema, table, column), ctype in want.items():  # in each table's column order
+        if (schema, table, column) not in have:
+            con.execute(f'ALTER TABLE {schema}.{table} ADD COLUMN "{column}" {ctype}')
+
+
+def _present(con) -> set[tuple[str, str, str]]:
+    return set(con.execute("SELECT table_schema, table_name, column_name FROM information_schema.columns "
+                           f"WHERE table_schema IN ({', '.join('?' for _ in SCHEMAS)})", list(SCHEMAS)).fetchall())
+
+
+@functools.cache
+def _columns() -> dict[tuple[str, str, str], str]:
+    """(schema, table, column) -> type of every column the DDL declares, each table's in column order: the DDL run
+    once per process in an empty in-memory database."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        for schema in SCHEMAS:
+            con.execute(f"CREATE SCHEMA {schema}")
+        for ddl in TABLES:
+            con.execute(ddl)
+        rows = con.execute("SELECT table_schema, table_name, column_name, data_type FROM information_schema.columns "
+                           "ORDER BY table_schema, table_name, ordinal_position").fetchall()
+    finally:
+        con.close()
+    return {(schema, table, column): ctype for schema, table, column, ctype in rows}
