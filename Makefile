@@ -20,8 +20,10 @@ $(STAMP): requirements.txt pyproject.toml
 	@$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
 	@touch $(STAMP)
 
+# One pytest worker per core (pytest-xdist; PYTEST_WORKERS=0 runs in one process, e.g. to debug with pdb).
+PYTEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	@bash scripts/demo.sh "$(DEMO_DIR)"

@@ -5,14 +5,42 @@ and skip with that reason when they are absent, so `make test` also passes on a 
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import sqlite3
+import tempfile
 import textwrap
 import uuid
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DAGS_FOLDER = REPO / "dags"
+
+
+def airflow_test_env() -> str:
+    """Point Airflow at a throwaway AIRFLOW_HOME with its own SQLite metadata DB (never the project's `.airflow`
+    that `make` exports, never a database configured in the caller's shell), our dags folder, no examples.
+    Returns the home. tests/dags and tests/integration call it at conftest import, before anything imports
+    airflow (which reads its config once); they share one home per pytest process, and each xdist worker has
+    its own (one SQLite file is not for two processes at once)."""
+    var = f"_RECONCILE_TEST_AIRFLOW_HOME_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+    home = os.environ.get(var)
+    if not home:
+        home = tempfile.mkdtemp(prefix="reconcile-test-airflow-")
+        os.environ[var] = home
+        atexit.register(shutil.rmtree, home, True)
+    os.environ.update({
+        "AIRFLOW_HOME": home,
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+    })
+    return home
+
 
 BASE_CONFIG = """\
 version: 1

@@ -1,15 +1,11 @@
 """Airflow environment and fixtures for the DAG integrity tests.
 
-Airflow reads AIRFLOW_HOME and its config when it is first imported, so this runs at conftest import, before
-any test module imports airflow: a throwaway AIRFLOW_HOME with its own SQLite metadata DB (never the
-project's `.airflow` that `make` exports, never a database from the caller's shell), our dags folder, no
-examples. tests/integration/conftest.py does the same and shares the home through _RECONCILE_TEST_AIRFLOW_HOME,
-so both folders can run in one pytest session.
+Airflow reads AIRFLOW_HOME and its config when it is first imported, so its throwaway home is set up here at
+conftest import (`airflow_test_env`), before any test module imports airflow.
 """
 from __future__ import annotations
 
 import atexit
-import os
 import shutil
 import sys
 import tempfile
@@ -18,27 +14,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-DAGS_FOLDER = REPO / "dags"
+from tests.conftest import DAGS_FOLDER, REPO, airflow_test_env  # tests/dags is not a package
+
 DAG_FILE = DAGS_FOLDER / "reconcile_dags.py"
-
-
-def _airflow_test_env() -> str:
-    home = os.environ.get("_RECONCILE_TEST_AIRFLOW_HOME")
-    if not home:
-        home = tempfile.mkdtemp(prefix="reconcile-test-airflow-")
-        os.environ["_RECONCILE_TEST_AIRFLOW_HOME"] = home
-        atexit.register(shutil.rmtree, home, True)
-    os.environ.update({
-        "AIRFLOW_HOME": home,
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
-    })
-    return home
-
-
-AIRFLOW_HOME = _airflow_test_env()
+AIRFLOW_HOME = airflow_test_env()
 # The dag processor and the task runner put the DAG bundle's folder on sys.path; tests import the DAG file's
 # helper modules (reconcile_alerts, reconcile_approval) the same way.
 if str(DAGS_FOLDER) not in sys.path:

@@ -1,40 +1,17 @@
 """Airflow environment and fixtures for end-to-end DAG runs (`dag.test()`).
 
-Airflow reads AIRFLOW_HOME and its config when it is first imported, so this runs at conftest import: a
-throwaway AIRFLOW_HOME with its own SQLite metadata DB (never the project's `.airflow` that `make` exports,
-never a database configured in the caller's shell), our dags folder, no examples. tests/dags/conftest.py does
-the same; both share one home through _RECONCILE_TEST_AIRFLOW_HOME so they can run in one pytest session.
+Airflow reads AIRFLOW_HOME and its config when it is first imported, so its throwaway home is set up here at
+conftest import (`airflow_test_env`), before any test imports airflow.
 """
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-DAGS_FOLDER = REPO / "dags"
+from ..conftest import DAGS_FOLDER, airflow_test_env
 
-
-def _airflow_test_env() -> str:
-    home = os.environ.get("_RECONCILE_TEST_AIRFLOW_HOME")
-    if not home:
-        home = tempfile.mkdtemp(prefix="reconcile-test-airflow-")
-        os.environ["_RECONCILE_TEST_AIRFLOW_HOME"] = home
-        atexit.register(shutil.rmtree, home, True)
-    os.environ.update({
-        "AIRFLOW_HOME": home,
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
-    })
-    return home
-
-
-AIRFLOW_HOME = _airflow_test_env()
+AIRFLOW_HOME = airflow_test_env()
 
 
 @pytest.fixture(scope="session")
