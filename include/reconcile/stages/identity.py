@@ -316,11 +316,16 @@ def _exact_rule(r: _Run, rule, final: bool) -> None:
     all_set = " AND ".join(f"rec.{q(f)} IS NOT NULL" for f in rule.fields)
     names = [q(n) for n in _name_fields(r.cfg, r.entity)]
     name_cols = "".join(f", rec.{n}" for n in names)
+    # Every step below starts from a record unlinked at this point (xid NULL), so only the keys such a record
+    # holds are kept: on a night when little changed, a few keys instead of every record.
     r.con.execute(f"""
         CREATE OR REPLACE TEMP TABLE _keyed AS
-        SELECT rec.system, rec.record_key, {key} AS k, x.xid{name_cols}
-        FROM _recs rec LEFT JOIN identity.xref x ON x.entity = {e} AND x.system = rec.system AND x.record_key = rec.record_key
-        WHERE {all_set}
+        WITH keyed AS (
+            SELECT rec.system, rec.record_key, {key} AS k, x.xid{name_cols}
+            FROM _recs rec
+            LEFT JOIN identity.xref x ON x.entity = {e} AND x.system = rec.system AND x.record_key = rec.record_key
+            WHERE {all_set})
+        SELECT * FROM keyed SEMI JOIN (SELECT DISTINCT k FROM keyed WHERE xid IS NULL) open_keys USING (k)
     """)
     # Per key: the most identities one system holds (its records on one xid, e.g. merged by a steward,
     # count once), the xids, the systems.
