@@ -283,19 +283,24 @@ def _stage_source(con, cfg: Config, entity: str, system: str, source: SourceConf
     echoes = _mark_echoes(con, table, history, entity, system, run_id, columns, source.modified_at)
 
     # New current state: this run's good rows, plus earlier rows this extract did not replace or delete.
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE _next AS
-        SELECT * FROM _good
-        UNION ALL BY NAME
-        SELECT * FROM {prev}
-        WHERE _record_key NOT IN (SELECT _record_key FROM _good)
-          AND _record_key NOT IN (SELECT _record_key FROM _deleted)
-    """)
-    id_cols = [q(c) for c in hashed[len(fields):]]
-    keep = ", ".join(["_record_key"] + [q(f) for f in fields] + id_cols +
-                     ["_run_id", "_extracted_at", "_source_modified_at", "_row_hash"] +
-                     [q("_raw_" + c) for c in columns])
-    con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT {keep} FROM _next ORDER BY _record_key")
+    keep = (["_record_key"] + fields + hashed[len(fields):] + ["_run_id", "_extracted_at", "_source_modified_at",
+                                                                "_row_hash"] + ["_raw_" + c for c in columns])
+    selected = f"SELECT {', '.join(map(q, keep))} FROM _good"
+    if not full and _layout(con, table) == _layout(con, f"({selected})"):
+        # An incremental extract into an unchanged layout: replace only the rows it read (a quiet night
+        # touches a few rows, not the whole table).
+        con.execute(f"DELETE FROM {table} WHERE _record_key IN (SELECT _record_key FROM _good)")
+        con.execute(f"INSERT INTO {table} BY NAME {selected}")
+    else:
+        con.execute(f"""
+            CREATE OR REPLACE TABLE {table} AS
+            SELECT {', '.join(map(q, keep))} FROM (
+                SELECT * FROM _good
+                UNION ALL BY NAME
+                SELECT * FROM {prev}
+                WHERE _record_key NOT IN (SELECT _record_key FROM _good)
+                  AND _record_key NOT IN (SELECT _record_key FROM _deleted))
+            ORDER BY _record_key""")
     staged = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
     newest = con.execute("SELECT max(_source_modified_at) FROM _good").fetchone()[0]
@@ -318,7 +323,7 @@ def _stage_source(con, cfg: Config, entity: str, system: str, source: SourceConf
         [run_id, entity, system, plan["mode"], plan["since"], extracted, extracted - quarantined, quarantined,
          inserted, updated, deleted, staged, watermark],
     )
-    for t in ("_ext", "_cand", "_good", "_deleted", "_next"):
+    for t in ("_ext", "_cand", "_good", "_deleted"):
         con.execute(f"DROP TABLE IF EXISTS {t}")
     return {"mode": plan["mode"], "extracted": extracted, "quarantined": quarantined, "echoes": echoes,
             "accepted": extracted - quarantined, "staged": staged,
@@ -344,15 +349,18 @@ def _mark_echoes(con, table: str, history: str, entity: str, system: str, run_id
     created (the ledger holds its create) seen for the first time is an echo_insert. Counted apart, so they
     are neither user edits nor volume anomalies. A record deleted and restored, or re-imported, is a source
     change even where it holds values we once wrote: it was staged before, and we never created it."""
-    con.execute("""
+    # Only the records this run staged a new version of (a quiet night: few), not the whole ledger.
+    con.execute(f"""
         CREATE OR REPLACE TEMP TABLE _ledger AS
         SELECT record_key, column_name, value_hash, created FROM (
             SELECT w.record_key, w.column_name, w.value_hash,
                    bool_or(c.operation = 'create') OVER (PARTITION BY w.record_key) AS created,
                    row_number() OVER (PARTITION BY w.record_key, w.column_name ORDER BY w.written_at DESC) AS rn
             FROM audit.write_ledger w JOIN audit.changes c ON c.change_id = w.change_id AND c.status = 'applied'
+            SEMI JOIN (SELECT _record_key FROM {history} WHERE _run_id = ? AND _change IN ('insert', 'update')) h
+                ON h._record_key = w.record_key
             WHERE w.entity = ? AND w.target = ? AND w.run_id <> ?) WHERE rn = 1
-    """, [entity, system, run_id])
+    """, [run_id, entity, system, run_id])
 
     def written(c: str) -> str:
         return (f"EXISTS (SELECT 1 FROM _ledger l WHERE l.record_key = h._record_key AND l.column_name = "
@@ -379,6 +387,11 @@ def _mark_echoes(con, table: str, history: str, entity: str, system: str, run_id
     """)
     return dict(con.execute(f"""SELECT _change, count(*) FROM {history} WHERE _run_id = ? AND _change LIKE 'echo%'
                                 GROUP BY 1""", [run_id]).fetchall())
+
+
+def _layout(con, relation: str) -> list[tuple[str, str]]:
+    """(column, type) of a table or a parenthesised query, in order."""
+    return con.execute(f"SELECT column_name, column_type FROM (DESCRIBE {relation})").fetchall()
 
 
 def _add_missing_columns(con, table: str, like: str) -> None:
