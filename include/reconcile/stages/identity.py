@@ -167,8 +167,8 @@ class _Run:
                     "SELECT system, record_key, count(DISTINCT xid) AS n FROM _cand GROUP BY system, record_key")
         con.execute("CREATE OR REPLACE TEMP TABLE _per_xid AS "
                     "SELECT xid, system, count(DISTINCT record_key) AS n FROM _cand GROUP BY xid, system")
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _taken AS SELECT DISTINCT xid, system FROM identity.xref "
-                    f"WHERE entity = {e}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _taken AS SELECT DISTINCT x.xid, x.system FROM identity.xref x "
+                    f"SEMI JOIN _cand c ON c.xid = x.xid WHERE x.entity = {e}")  # only the candidates' xids
         con.execute("""
             CREATE OR REPLACE TEMP TABLE _cand_ok AS
             SELECT c.system, c.record_key, c.xid, min(c.rule) AS rule, max(c.confidence) AS confidence,
@@ -286,16 +286,16 @@ def _load_distinct(r: _Run) -> None:
 
 def _stored_ids(r: _Run) -> None:
     e = sql_literal(r.entity)
+    # The records still unlinked first (on most nights few), then their stored ids: not every record's.
+    r.con.execute(f"CREATE OR REPLACE TEMP TABLE _open AS SELECT * FROM _recs rec WHERE {r.unlinked('rec')}")
     parts = [f"""SELECT rec.system, rec.record_key, coalesce(x.merged_into, x.xid) AS xid, 'stored_xid' AS rule,
                         1.0 AS confidence, NULL AS evidence
-                 FROM _recs rec JOIN identity.xids x ON x.xid = rec._xid AND x.entity = {e}
-                 WHERE {r.unlinked('rec')}"""]
+                 FROM _open rec JOIN identity.xids x ON x.xid = rec._xid AND x.entity = {e}"""]
     for target in _ext_targets(r.cfg, r.entity):
         parts.append(f"""SELECT rec.system, rec.record_key, x.xid, 'external_id:{target}' AS rule, 1.0 AS confidence,
                                 NULL AS evidence
-                         FROM _recs rec JOIN identity.xref x
-                           ON x.entity = {e} AND x.system = {sql_literal(target)} AND x.record_key = rec.{q('_ext_' + target)}
-                         WHERE {r.unlinked('rec')}""")
+                         FROM _open rec JOIN identity.xref x
+                           ON x.entity = {e} AND x.system = {sql_literal(target)} AND x.record_key = rec.{q('_ext_' + target)}""")
     r.apply_candidates(" UNION ALL ".join(parts))
     # A stored id that cannot be honoured (its xid already has a record of that system) is a conflict to review.
     r.items_from("conflict", f"""
