@@ -426,12 +426,13 @@ def _model(r: _Run, spec: ModelSpec, sdb: identity_model.SplinkDB) -> tuple[dict
     than `retrain_every` runs ago, else trained now (from the previous parameters). One identity.model row
     per run either way."""
     con, e = r.con, r.entity
-    prev = con.execute("""SELECT parameters, trained_run_id, signature FROM identity.model WHERE entity = ?
-                          ORDER BY created_at DESC, run_id DESC LIMIT 1""", [e]).fetchone()
+    # fetchall, not fetchone: training reads the records on this connection, which needs every result finished
+    prev = next(iter(con.execute("""SELECT parameters, trained_run_id, signature FROM identity.model WHERE entity = ?
+                                    ORDER BY created_at DESC, run_id DESC LIMIT 1""", [e]).fetchall()), None)
     every = r.cfg.entities[e].identity.retrain_every
     if prev and prev[2] == spec.signature:
         uses = con.execute("SELECT count(*) FROM identity.model WHERE entity = ? AND trained_run_id = ?",
-                           [e, prev[1]]).fetchone()[0]
+                           [e, prev[1]]).fetchall()[0][0]
         if uses < every:
             model, trained_run, status = json.loads(prev[0]), prev[1], "reused"
         else:
@@ -441,8 +442,9 @@ def _model(r: _Run, spec: ModelSpec, sdb: identity_model.SplinkDB) -> tuple[dict
     con.execute("""INSERT INTO identity.model (entity, run_id, status, trained_run_id, signature, records,
                                                link_threshold, review_threshold, parameters, m_u, created_at)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                [e, r.run_id, status, trained_run, spec.signature, sdb.records.num_rows, spec.link_threshold,
-                 spec.review_threshold, json.dumps(model), json.dumps(identity_model.m_u(model)), r.run_at])
+                [e, r.run_id, status, trained_run, spec.signature, con.execute("SELECT count(*) FROM _recs").fetchall()[0][0],
+                 spec.link_threshold, spec.review_threshold, json.dumps(model), json.dumps(identity_model.m_u(model)),
+                 r.run_at])
     r.stats["model"] = {"status": status, "trained_run_id": trained_run}
     return model, trained_run
 
@@ -462,11 +464,13 @@ def _score(r: _Run, spec: ModelSpec | None) -> None:
     key = (f"concat_ws(chr(31), {', '.join('rec.' + q(f) for f in exact[0].fields)})" if exact else "NULL")
     cols = ", ".join(["rec.rid", "rec.system"] + [f"rec.{q(f)}" for f in spec.fields]
                      + ([f"rec.{q(FULL_NAME)}"] if spec.names else []))
-    # grp: who a record is, as far as known before scoring (term frequencies count people, not records)
-    records = con.sql(f"""SELECT {cols}, coalesce(x.xid, {key}, rec.rid) AS grp FROM _recs rec
-                          LEFT JOIN identity.xref x ON x.entity = {sql_literal(e)} AND x.system = rec.system
-                                                   AND x.record_key = rec.record_key""").to_arrow_table()
-    sdb = r.splink = identity_model.SplinkDB(r.cfg, records)
+    # grp: who a record is, as far as known (term frequencies count people, not records). Read on first use:
+    # before this run links anything when it trains or scores; a night that does neither reads them only for
+    # the evidence of its deterministic links (_link_evidence), if it made any, and most nights not at all.
+    records = f"""SELECT {cols}, coalesce(x.xid, {key}, rec.rid) AS grp FROM _recs rec
+                  LEFT JOIN identity.xref x ON x.entity = {sql_literal(e)} AND x.system = rec.system
+                                           AND x.record_key = rec.record_key"""
+    sdb = r.splink = identity_model.SplinkDB(r.cfg, lambda: con.sql(records).to_arrow_table())
     model, trained_run = _model(r, spec, sdb)
     r.scoring = (model, spec)  # for the evidence of links no scored pair explains (_link_evidence)
     fingerprint = _fingerprint_sql(spec, trained_run)

@@ -17,9 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..config.models import Config
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # Canonical field names the default model knows how to compare (and the kind of comparison).
 FIELD_KINDS = {
@@ -241,8 +246,15 @@ class SplinkDB:
     table of blocked pairs holds two ids per pair, tens of millions of pairs at a million people, and
     numbers keep it several times smaller (and its joins faster) than the text ids."""
 
-    def __init__(self, cfg: Config, records):
-        self.cfg, self.records, self._con, self._tf = cfg, records, None, set()
+    def __init__(self, cfg: Config, records: Callable[[], pa.Table]):
+        self.cfg, self._read, self._records, self._con, self._tf = cfg, records, None, None, set()
+
+    @property
+    def records(self) -> pa.Table:
+        """The records, read (`records()`) on first use: a night that neither trains nor scores never reads them."""
+        if self._records is None:
+            self._records = self._read()
+        return self._records
 
     @property
     def con(self):
