@@ -262,11 +262,11 @@ def guard_collisions(cfg: Config, entity: str, run_id: str, progress: Progress =
     """Hold identities that would share a unique value in a target system (homogenization guard)."""
     manifest = _read_manifest(cfg, entity, run_id)
 
-    def identities(cfg_: Config, entity_: str, owner: str) -> str:
+    def identities(cfg_: Config, entity_: str, owner: str, only: str | None = None) -> str:
         # The golden values are what would be written; before golden exists, the owner's records.
         if "golden" in stages_done:
-            return quality_stage.golden_identities_sql(cfg_, entity_)
-        return identity_stage.xid_identities_sql(cfg_, entity_, owner)
+            return quality_stage.golden_identities_sql(cfg_, entity_, only=only)
+        return identity_stage.xid_identities_sql(cfg_, entity_, owner, only)
 
     with open_work(cfg) as con:
         stages_done = {r[0] for r in con.execute(

@@ -895,7 +895,7 @@ def _model_rule_names(r: _Run) -> set[str]:
     return {"match:" + rule.name for rule in match_rules(r.cfg, r.entity) if rule.type == "probabilistic"}
 
 
-def xid_identities_sql(cfg: Config, entity: str, owner: str) -> str:
+def xid_identities_sql(cfg: Config, entity: str, owner: str, only: str | None = None) -> str:
     """Per xid, the owner system's linked record values (for the collision guard until golden records exist)."""
     ent = cfg.entities[entity]
     mapped = set(ent.sources[owner].fields)
@@ -907,4 +907,5 @@ def xid_identities_sql(cfg: Config, entity: str, owner: str) -> str:
             f"{cols} FROM identity.xref x JOIN {staging_table(owner, entity)} s "
             f"ON x.system = {sql_literal(owner)} AND s._record_key = x.record_key "
             f"JOIN identity.xids i ON i.xid = x.xid AND i.status = 'active' "
-            f"WHERE x.entity = {sql_literal(entity)}")
+            + (f"SEMI JOIN {only} o ON o.identity = x.xid " if only else "")
+            + f"WHERE x.entity = {sql_literal(entity)}")

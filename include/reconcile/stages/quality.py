@@ -363,23 +363,31 @@ def _text(value: Any) -> str | None:
 # Recording, collisions and blocks (single writer)
 # ----------------------------------------------------------------------------------------------------------
 
-def default_identities_sql(cfg: Config, entity: str, system: str) -> str:
+# The collision guard's identities: `identities_sql(cfg, entity, owner, only=None)` returns SQL yielding
+# (identity, records, the entity's fields); `only` names a relation with an `identity` column to keep to.
+
+def default_identities_sql(cfg: Config, entity: str, system: str, only: str | None = None) -> str:
     """Until identity resolution exists, each record of a field's owner system is its own identity."""
     ent = cfg.entities[entity]
     mapped = set(ent.sources[system].fields)
     cols = ", ".join(
         (q(f) if f in mapped else f"CAST(NULL AS {SQL_TYPES[ent.fields[f].type]}) AS {q(f)}") for f in ent.fields)
-    return (f"SELECT {sql_literal(system + ':')} || _record_key AS identity, "
-            f"[struct_pack(system := {sql_literal(system)}, record_key := _record_key)] AS records, {cols} "
-            f"FROM {staging_table(system, entity)}")
+    sql = (f"SELECT {sql_literal(system + ':')} || _record_key AS identity, "
+           f"[struct_pack(system := {sql_literal(system)}, record_key := _record_key)] AS records, {cols} "
+           f"FROM {staging_table(system, entity)}")
+    return f"SELECT * FROM ({sql}) SEMI JOIN {only} USING (identity)" if only else sql
 
 
-def golden_identities_sql(cfg: Config, entity: str, owner: str | None = None) -> str:
-    """Identities as golden records: the values that would be written, with the records behind each xid."""
+def golden_identities_sql(cfg: Config, entity: str, owner: str | None = None, only: str | None = None) -> str:
+    """Identities as golden records: the values that would be written, with the records behind each xid (listed
+    by one join, not per xid: with `only`, for those xids alone)."""
     cols = ", ".join(f"g.{q(f)}" for f in cfg.entities[entity].fields)
-    return (f"SELECT g.xid AS identity, (SELECT list(struct_pack(system := x.system, record_key := x.record_key) "
-            f"ORDER BY x.system, x.record_key) FROM identity.xref x WHERE x.entity = {sql_literal(entity)} "
-            f"AND x.xid = g.xid) AS records, {cols} FROM golden.{entity} g")
+    keep_g = f" SEMI JOIN {only} o ON o.identity = g.xid" if only else ""
+    keep_x = f" SEMI JOIN {only} o ON o.identity = x.xid" if only else ""
+    return (f"SELECT g.xid AS identity, r.records, {cols} FROM golden.{entity} g{keep_g} "
+            f"LEFT JOIN (SELECT x.xid, list(struct_pack(system := x.system, record_key := x.record_key) "
+            f"ORDER BY x.system, x.record_key) AS records FROM identity.xref x{keep_x} "
+            f"WHERE x.entity = {sql_literal(entity)} GROUP BY x.xid) r ON r.xid = g.xid")
 
 
 def find_collisions(con, cfg: Config, entity: str, run_id: str, run_at: datetime,
@@ -398,13 +406,23 @@ def find_collisions(con, cfg: Config, entity: str, run_id: str, run_at: datetime
             if ufield not in ent.fields or not ent.fields[ufield].owner:
                 continue
             owner = ent.fields[ufield].owner
-            ident = identities_sql(cfg, entity, owner)
             elig = ent.eligibility.get(target)
             where = f"({to_duckdb_sql(elig)})" if elig else "TRUE"
+            uvalue = f"lower(trim(CAST({q(ufield)} AS VARCHAR)))"
+            # First the identities that collide, from their values alone; then their whole rows (the sides of
+            # each item, with the records behind them) for those few only.
+            con.execute(f"""
+                CREATE OR REPLACE TEMP TABLE _colliding AS
+                WITH ids AS (SELECT identity, {uvalue} AS _uvalue
+                             FROM ({identities_sql(cfg, entity, owner)}) WHERE {where} AND {q(ufield)} IS NOT NULL)
+                SELECT DISTINCT identity FROM ids
+                WHERE _uvalue IN (SELECT _uvalue FROM ids GROUP BY 1 HAVING count(DISTINCT identity) > 1)
+            """)
             con.execute(f"""
                 CREATE OR REPLACE TEMP TABLE _collide AS
-                WITH ids AS (SELECT *, lower(trim(CAST({q(ufield)} AS VARCHAR))) AS _uvalue
-                             FROM ({ident}) WHERE {where} AND {q(ufield)} IS NOT NULL),
+                WITH ids AS (SELECT *, {uvalue} AS _uvalue
+                             FROM ({identities_sql(cfg, entity, owner, only='_colliding')})
+                             WHERE {where} AND {q(ufield)} IS NOT NULL),
                      groups AS (SELECT _uvalue FROM ids GROUP BY 1 HAVING count(DISTINCT identity) > 1)
                 SELECT i._uvalue AS value, i.identity, to_json(i) AS side FROM ids i JOIN groups USING (_uvalue)
             """)
