@@ -396,7 +396,7 @@ def _layout(con, relation: str) -> list[tuple[str, str]]:
 
 def _add_missing_columns(con, table: str, like: str) -> None:
     """Schema evolution for history tables: a newly mapped field becomes a new (nullable) column."""
-    have = {r[0] for r in con.execute(f"SELECT column_name FROM (DESCRIBE {table})").fetchall()}
-    for name, ctype in con.execute(f"SELECT column_name, column_type FROM (DESCRIBE {like})").fetchall():
+    have = {name for name, _ in _layout(con, table)}
+    for name, ctype in _layout(con, like):
         if name not in have:
             con.execute(f"ALTER TABLE {table} ADD COLUMN {q(name)} {ctype}")

@@ -409,22 +409,20 @@ def find_collisions(con, cfg: Config, entity: str, run_id: str, run_at: datetime
             elig = ent.eligibility.get(target)
             where = f"({to_duckdb_sql(elig)})" if elig else "TRUE"
             uvalue = f"lower(trim(CAST({q(ufield)} AS VARCHAR)))"
-            # First the identities that collide, from their values alone; then their whole rows (the sides of
-            # each item, with the records behind them) for those few only.
+            # First the identities that collide and their value, from the values alone; then their whole rows
+            # (each item's sides, with the records behind them) for those few only.
             con.execute(f"""
                 CREATE OR REPLACE TEMP TABLE _colliding AS
-                WITH ids AS (SELECT identity, {uvalue} AS _uvalue
+                WITH ids AS (SELECT DISTINCT identity, {uvalue} AS _uvalue
                              FROM ({identities_sql(cfg, entity, owner)}) WHERE {where} AND {q(ufield)} IS NOT NULL)
-                SELECT DISTINCT identity FROM ids
-                WHERE _uvalue IN (SELECT _uvalue FROM ids GROUP BY 1 HAVING count(DISTINCT identity) > 1)
+                SELECT identity, _uvalue FROM ids
+                WHERE _uvalue IN (SELECT _uvalue FROM ids GROUP BY 1 HAVING count(*) > 1)
             """)
             con.execute(f"""
                 CREATE OR REPLACE TEMP TABLE _collide AS
-                WITH ids AS (SELECT *, {uvalue} AS _uvalue
-                             FROM ({identities_sql(cfg, entity, owner, only='_colliding')})
-                             WHERE {where} AND {q(ufield)} IS NOT NULL),
-                     groups AS (SELECT _uvalue FROM ids GROUP BY 1 HAVING count(DISTINCT identity) > 1)
-                SELECT i._uvalue AS value, i.identity, to_json(i) AS side FROM ids i JOIN groups USING (_uvalue)
+                SELECT c._uvalue AS value, c.identity, to_json(i) AS side
+                FROM (SELECT *, {uvalue} AS _uvalue FROM ({identities_sql(cfg, entity, owner, only='_colliding')})) i
+                JOIN _colliding c USING (identity)
             """)
             # One review item per colliding value (id stable across runs), one hold per identity: set-based.
             key = f"collision|{entity}|{target}|{ufield}|"
